@@ -1,0 +1,1 @@
+"""Turn image collections and the ILSVRC2012 archives into WebDataset shards."""

@@ -1,0 +1,296 @@
+"""GoogLeNet ("Going Deeper with Convolutions", 2014) training augmentation.
+
+One implementation shared by the shard writer (baked augmented copies), the
+trainer's CPU loader workers and its device-side batch transforms:
+
+* geometric: random crop of 8%..100% of the image area with aspect ratio in
+  [3/4, 4/3], resized with a randomly drawn interpolation, random mirror;
+* photometric: Howard (2013) brightness/contrast/saturation in random order,
+  optionally AlexNet's PCA lighting noise;
+* evaluation: resize shorter side, centre crop.
+
+Geometric randomness comes from a caller-supplied ``random.Random`` so each
+sample can be made deterministic without touching torch's global RNG.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+INTERPOLATIONS = ("bilinear", "area", "nearest", "bicubic")  # paper: resize method drawn at random
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# AlexNet's PCA of ImageNet RGB pixels (values in [0, 1]); columns of PCA_EIGVEC are eigenvectors.
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
+                           [-0.5808, -0.0045, -0.8140],
+                           [-0.5836, -0.6948, 0.4203]])
+
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "area": Image.Resampling.BOX,  # PIL's BOX filter is area averaging when downscaling
+    "nearest": Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+_DRAFT_SCALES = (8, 4, 2)  # reductions libjpeg can do for free inside the IDCT
+# torchvision's grayscale weights (ITU-R 601-2 luma; 0.2989 exactly as torchvision uses).
+_GRAY = (0.2989, 0.587, 0.114)
+
+
+def _check_range(name: str, value, lo_min: float, hi_max: float = math.inf, open_lo: bool = False) -> None:
+    ok = isinstance(value, tuple) and len(value) == 2
+    if ok:
+        lo, hi = value
+        ok = (lo > lo_min if open_lo else lo >= lo_min) and lo <= hi <= hi_max
+    if not ok:
+        raise ValueError(f"invalid {name}={value!r}: expected a (lo, hi) tuple with "
+                         f"{lo_min} {'<' if open_lo else '<='} lo <= hi <= {hi_max}")
+
+
+# ----------------------------------------------------------------------------- geometry
+
+@dataclass(frozen=True)
+class CropSpec:
+    area: tuple[float, float] = (0.08, 1.0)  # fraction of the image area, uniform
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio w/h, log-uniform
+    interpolations: tuple[str, ...] = INTERPOLATIONS
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        _check_range("area", self.area, 0.0, 1.0, open_lo=True)
+        _check_range("ratio", self.ratio, 0.0, open_lo=True)
+        if not self.interpolations or any(i not in INTERPOLATIONS for i in self.interpolations):
+            raise ValueError(f"invalid interpolations={self.interpolations!r}: expected a "
+                             f"non-empty subset of {INTERPOLATIONS}")
+
+
+@dataclass(frozen=True)
+class CropParams:
+    left: int
+    top: int
+    width: int
+    height: int
+    interpolation: str
+    flip: bool
+
+
+def sample_crop(width: int, height: int, spec: CropSpec, rng: random.Random) -> CropParams:
+    """torchvision's RandomResizedCrop.get_params, driven by ``rng``, plus interpolation and flip."""
+    area = width * height
+    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(*spec.area)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            break
+    else:  # fallback: central crop, clamped to the ratio range
+        in_ratio = width / height
+        if in_ratio < spec.ratio[0]:
+            w, h = width, int(round(width / spec.ratio[0]))
+        elif in_ratio > spec.ratio[1]:
+            w, h = int(round(height * spec.ratio[1])), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    interpolation = rng.choice(spec.interpolations)
+    flip = spec.flip and rng.random() < 0.5
+    return CropParams(left, top, w, h, interpolation, flip)
+
+
+def _draft_box(image: Image.Image, box: tuple[float, float, float, float], size: int):
+    """Let libjpeg decode an unloaded JPEG at 1/2, 1/4 or 1/8 scale when the ``box`` region
+    (full-resolution coordinates) still spans >= ``size`` pixels on both sides afterwards.
+
+    Decoding at reduced scale skips most of the IDCT work, which dominates loader time for
+    big photos. Returns ``box`` in the coordinates of the (possibly drafted) image.
+    """
+    if image.format not in ("JPEG", "MPO") or len(getattr(image, "tile", ())) != 1:
+        return box  # not a JPEG, or already loaded: draft() would be a no-op or wrong
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    scale = next((s for s in _DRAFT_SCALES if min(bw, bh) / s >= size), 1)
+    if scale == 1:
+        return box
+    full_w, full_h = image.size
+    # Pillow picks the largest s with s <= full // requested, so this request yields exactly `scale`.
+    res = image.draft("RGB", (full_w // scale, full_h // scale))
+    if res is None:
+        return box
+    # Pillow reports the drafted image's extent as (0, 0, full_w / s, full_h / s): the true
+    # scale of libjpeg's reduced decode (the last pixel may be partial), as used by thumbnail().
+    _, (_, _, dw, dh) = res
+    sx, sy = dw / full_w, dh / full_h
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _resize_box(image: Image.Image, box, size: int, resample) -> Image.Image:
+    """Crop ``box`` and resize it to size x size in one pass, ending in RGB."""
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # CMYK, palette, alpha, 16-bit: resample in RGB
+    out = image.resize((size, size), resample, box=box)
+    return out if out.mode == "RGB" else out.convert("RGB")  # L: resize first, it is 3x cheaper
+
+
+def _apply_crop(image: Image.Image, params: CropParams, size: int) -> Image.Image:
+    box = (params.left, params.top, params.left + params.width, params.top + params.height)
+    box = _draft_box(image, box, size)
+    out = _resize_box(image, box, size, _PIL_RESAMPLE[params.interpolation])
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else out
+
+
+def random_resized_crop(image: Image.Image, size: int, spec: CropSpec, rng: random.Random) -> Image.Image:
+    """Random crop (drawn on the full-size geometry) resized to size x size, RGB."""
+    params = sample_crop(image.size[0], image.size[1], spec, rng)
+    return _apply_crop(image, params, size)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    # np.array copies (a small, already-resized image), giving a writable buffer for torch.
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def decode_random_crop(jpeg_bytes: bytes, size: int, spec: CropSpec, rng: random.Random) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, size, size] random resized crop."""
+    with Image.open(io.BytesIO(jpeg_bytes)) as image:
+        return _to_tensor(random_resized_crop(image, size, spec, rng))
+
+
+def decode_center_crop(jpeg_bytes: bytes, size: int, resize_to: int | None = None) -> torch.Tensor:
+    """Evaluation transform: shorter side -> ``resize_to`` (bilinear), centre crop size x size.
+
+    Computed as a single box-resize of the source region that the centre crop covers, which
+    samples the same pixel centres as resize-then-crop without resizing the discarded borders.
+    """
+    resize_to = round(size * 256 / 224) if resize_to is None else resize_to
+    if resize_to < size:
+        raise ValueError(f"invalid resize_to={resize_to}: must be >= size={size}")
+    with Image.open(io.BytesIO(jpeg_bytes)) as image:
+        w, h = image.size
+        # torchvision's Resize(int): shorter side -> resize_to, longer side truncated.
+        if w <= h:
+            new_w, new_h = resize_to, int(resize_to * h / w)
+        else:
+            new_w, new_h = int(resize_to * w / h), resize_to
+        left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+        fx, fy = w / new_w, h / new_h
+        box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
+        box = _draft_box(image, box, size)
+        return _to_tensor(_resize_box(image, box, size, Image.Resampling.BILINEAR))
+
+
+# ----------------------------------------------------------------------------- photometric
+
+@dataclass(frozen=True)
+class PhotometricSpec:
+    brightness: tuple[float, float] | None = (0.5, 1.5)  # None = off
+    contrast: tuple[float, float] | None = (0.5, 1.5)
+    saturation: tuple[float, float] | None = (0.5, 1.5)
+    random_order: bool = True  # Howard 2013: the three in random order per image
+    lighting_std: float = 0.0  # AlexNet PCA lighting noise std (0 = off; paper-era value 0.1)
+
+    def __post_init__(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), 0.0)
+        if not self.lighting_std >= 0:
+            raise ValueError(f"invalid lighting_std={self.lighting_std!r}: must be >= 0")
+
+    @property
+    def _ranges(self):
+        return (self.brightness, self.contrast, self.saturation)
+
+
+def _draw_params(n: int, spec: PhotometricSpec, generator: torch.Generator | None = None):
+    """Per-image random draws on CPU: factors [n, 3] (brightness, contrast, saturation; 1 where
+    an op is off), order [n, 3] (op index at each position) and lighting alpha [n, 3]."""
+    u = torch.rand(n, 3, generator=generator)
+    factors = torch.ones(n, 3)
+    for k, rng in enumerate(spec._ranges):
+        if rng is not None:
+            factors[:, k] = rng[0] + (rng[1] - rng[0]) * u[:, k]
+    if spec.random_order:
+        order = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+    else:
+        order = torch.arange(3).expand(n, 3)
+    alpha = torch.randn(n, 3, generator=generator) * spec.lighting_std if spec.lighting_std > 0 else None
+    return factors, order, alpha
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(-3)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
+
+
+_OPS = (
+    lambda x, f: (x * f).clamp_(0.0, 1.0),  # brightness
+    lambda x, f: _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f),  # contrast
+    lambda x, f: _blend(x, _gray(x), f),  # saturation
+)
+
+
+def _color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                  enabled: tuple[bool, bool, bool] = (True, True, True)) -> torch.Tensor:
+    """Apply brightness/contrast/saturation with explicit per-image ``factors`` [N, 3] in the
+    per-image ``order`` [N, 3] to float images [N, 3, H, W] in [0, 1]."""
+    n = x.shape[0]
+    f_dev = factors.to(device=x.device, dtype=x.dtype).view(n, 3, 1, 1, 1)
+    for pos in range(3):
+        for k in range(3):
+            if not enabled[k]:
+                continue
+            sel = order[:, pos] == k  # CPU tensor: no device sync to pick images
+            count = int(sel.sum())
+            if count == n:
+                x = _OPS[k](x, f_dev[:, k])
+            elif count:
+                idx = sel.nonzero().squeeze(1).to(x.device)
+                x = x.index_copy(0, idx, _OPS[k](x.index_select(0, idx), f_dev[idx, k]))
+    return x
+
+
+def photometric_distort(images: torch.Tensor, spec: PhotometricSpec,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random per-image colour distortion of uint8 (0..255) or float (0..1) images [3,H,W] or
+    [N,3,H,W] on any device; returns float32 in [0, 1], same shape.
+
+    Random numbers are drawn on CPU so results do not depend on the images' device, and a
+    single image runs through the batched code as a batch of one (same distribution).
+    """
+    single = images.dim() == 3
+    x = images.unsqueeze(0) if single else images
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images of shape [3,H,W] or [N,3,H,W], got {tuple(images.shape)}")
+    x = x.to(torch.float32, copy=True)  # own copy: ops below never touch the caller's tensor
+    if images.dtype == torch.uint8:
+        x.div_(255.0)
+    factors, order, alpha = _draw_params(x.shape[0], spec, generator)
+    x = _color_jitter(x, factors, order, tuple(r is not None for r in spec._ranges))
+    if alpha is not None:
+        x = _lighting(x, alpha)
+    return x.squeeze(0) if single else x
+
+
+def _lighting(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """AlexNet PCA lighting: add PCA_EIGVEC @ (alpha * PCA_EIGVAL) to every pixel of each image."""
+    rgb = (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T  # [N, 3]; row i = EIGVEC @ (alpha_i * EIGVAL)
+    return (x + rgb.to(device=x.device, dtype=x.dtype).view(-1, 3, 1, 1)).clamp_(0.0, 1.0)
+
+
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Float [0, 1] images [3,H,W] or [N,3,H,W] -> (x - mean) / std per channel."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return images.sub(mean).div_(std)

@@ -1,0 +1,93 @@
+"""``python -m data_prep``: synthetic | demo | shards | finalize | verify."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import demo, synthetic, verify
+from .manifest import PrepError, finalize
+from .plan import PrepParams
+from .sources import SourceError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_shards(subparsers) -> None:
+    p = subparsers.add_parser(
+        "shards",
+        help="write WebDataset shards and a manifest",
+        description="Read class folders, ILSVRC2012 archives or labelled flat files and write "
+        "shuffled WebDataset tar shards plus DIR/manifest.json. Re-running resumes.",
+    )
+    p.add_argument("--train", required=True, help="class folders, or ILSVRC2012_img_train.tar")
+    p.add_argument("--val", help="class folders, flat files, or ILSVRC2012_img_val.tar")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--val-labels", help="LOC_val_solution.csv or a 'filename wnid' text file")
+    labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
+    p.add_argument("--class-names", help="'id name' lines (LOC_synset_mapping.txt) for the manifest")
+    p.add_argument("--out", required=True, help="output directory")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    size.add_argument("--shard-bytes", type=_positive, help="source bytes per shard instead of a count")
+    p.add_argument("--resize-shorter", type=_positive, help="shrink so the shorter side is at most N (never upscales)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global training shuffle")
+    p.add_argument("--augment-copies", type=int, default=0, help="bake K augmented copies per training image")
+    p.add_argument("--augment-size", type=_positive, default=224, help="side of the baked copies")
+    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--num-tasks", type=_positive, default=1, help="split the work over N array tasks")
+    p.add_argument("--task-id", type=int, default=0, help="this task's index, 0..N-1")
+    p.set_defaults(func=_run_shards)
+
+
+def _run_shards(args) -> int:
+    from .writer import run
+
+    params = PrepParams(
+        train=str(Path(args.train).absolute()),
+        val=str(Path(args.val).absolute()) if args.val else None,
+        val_labels=str(Path(args.val_labels).absolute()) if args.val_labels else None,
+        devkit=str(Path(args.devkit).absolute()) if args.devkit else None,
+        class_names=str(Path(args.class_names).absolute()) if args.class_names else None,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        resize_shorter=args.resize_shorter,
+        quality=args.quality,
+        seed=args.seed,
+        augment_copies=args.augment_copies,
+        augment_size=args.augment_size,
+    )
+    run(params, Path(args.out), args.workers, args.num_tasks, args.task_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    synthetic.add_cli(subparsers)
+    demo.add_cli(subparsers)
+    _add_shards(subparsers)
+    p = subparsers.add_parser("finalize", help="merge the array tasks' records into manifest.json")
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=lambda a: (finalize(a.out), 0)[1])
+    p = subparsers.add_parser("verify", help="re-read every shard and check it against the manifest")
+    p.add_argument("out", type=Path)
+    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
+    p.set_defaults(func=lambda a: verify.main(a.out, a.workers))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (SourceError, PrepError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

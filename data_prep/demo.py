@@ -1,0 +1,49 @@
+"""The embedded demo: synthetic ILSVRC-layout images prepared into shards, in one call.
+
+Used by ``python -m data_prep demo`` and by the trainer, which prepares the demo on first use.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .manifest import MANIFEST
+from .plan import PrepParams
+from .synthetic import SyntheticSpec, generate
+
+DEFAULT_ROOT = Path("demo_data")
+DEMO_SHARD_SIZE = 100  # small shards so ranks and loader workers each get several
+
+
+def demo_params(images: Path) -> PrepParams:
+    return PrepParams(
+        train=str((images / "train").absolute()),
+        val=str((images / "val").absolute()),
+        val_labels=str((images / "val_labels.txt").absolute()),
+        class_names=str((images / "LOC_synset_mapping.txt").absolute()),
+        shard_size=DEMO_SHARD_SIZE,
+    )
+
+
+def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
+    """Generate and shard the demo data under ``root`` unless it is already there; return the
+    shard directory. Both steps are idempotent, so an interrupted preparation just resumes."""
+    from .writer import run
+
+    root = Path(root)
+    shards = root / "shards"
+    if (shards / MANIFEST).is_file():
+        return shards
+    workers = workers or os.cpu_count() or 1
+    print(f"preparing the demo data in {root} (once)", file=sys.stderr)
+    generate(root / "images", SyntheticSpec(), workers=workers)
+    run(demo_params(root / "images"), shards, workers=workers)
+    return shards
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="generate the demo images and prepare them into shards")
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"default: {DEFAULT_ROOT}")
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=lambda a: print(ensure_demo(a.root, a.workers)) or 0)

@@ -1,0 +1,116 @@
+"""Turn the bytes of one input file into the RGB JPEG stored in a shard, or a skip reason.
+
+ILSVRC2012 holds grayscale and CMYK JPEGs and PNG files named ``.JPEG``: those are converted
+to RGB JPEG. Files that are already RGB JPEG within the size limit keep their original bytes
+(no generation loss, and the fastest path). Anything that does not decode completely
+(truncated, corrupt, empty, not an image) raises :class:`BadImage` with a reason to record.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+# ImageNet's largest images are ~100 MP panoramas; PIL's bomb guard would reject legitimate ones.
+Image.MAX_IMAGE_PIXELS = 400_000_000
+
+
+class BadImage(Exception):
+    """The input cannot be decoded into an image; ``str(exc)`` is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    resize_shorter: int | None = None  # shrink so the shorter side is at most this; never upscale
+    quality: int = 90  # JPEG quality of re-encoded images
+
+
+@dataclass(frozen=True)
+class Encoded:
+    jpeg: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    converted: str | None  # why the bytes were re-encoded (None: original bytes kept)
+
+
+def open_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode completely (a lazy open would accept truncated files) or raise BadImage.
+
+    With ``draft_size``, a JPEG is decoded by libjpeg at the smallest 1/2, 1/4 or 1/8 scale that
+    still covers that size: the entropy-coded stream is still read to its end, so damage is
+    still detected, at a fraction of the cost of a full-size decode."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if draft_size is not None and image.format == "JPEG":
+                image.draft(image.mode, draft_size)
+            image.load()
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"cannot decode: {exc}") from None
+    return image
+
+
+def header(data: bytes) -> tuple[str | None, str, tuple[int, int]]:
+    """Format, mode and size from the header alone."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format, image.mode, image.size
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"cannot decode: {exc}") from None
+
+
+def target_size(width: int, height: int, resize_shorter: int | None) -> tuple[int, int]:
+    if resize_shorter is None or min(width, height) <= resize_shorter:
+        return width, height
+    scale = resize_shorter / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparent images on white, as viewers show them, not on black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def encode(data: bytes, spec: EncodeSpec) -> Encoded:
+    fmt, mode, (width, height) = header(data)
+    new_size = target_size(width, height, spec.resize_shorter)
+    reasons = []
+    if fmt != "JPEG":
+        reasons.append(f"{fmt or 'unknown'} to JPEG")
+    if mode != "RGB":
+        reasons.append(f"{mode} to RGB")
+    if new_size != (width, height):
+        reasons.append(f"resized from {width}x{height}")
+    if not reasons:
+        open_image(data, draft_size=(max(1, width // 8), max(1, height // 8)))  # integrity check only
+        return Encoded(data, width, height, width, height, None)
+    image = to_rgb(open_image(data, draft_size=new_size))
+    if image.size != new_size:
+        image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+    return Encoded(encode_jpeg(image, spec.quality), *new_size, width, height, ", ".join(reasons))

@@ -1,0 +1,121 @@
+"""The manifest: the one JSON file that describes a prepared dataset.
+
+``finalize`` merges the per-shard records (written by one run or by many array tasks) into
+``manifest.json``. It holds nothing that depends on how the work was split (no timings, task
+ids or worker counts), so an array job's manifest equals a single run's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+PLAN_FILE = ".plan.json"
+PARTS_DIR = ".parts"
+FORMAT_VERSION = 1
+
+
+class PrepError(RuntimeError):
+    """The preparation cannot go on (or a prepared directory is not what it should be)."""
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """Write next to the target and rename: readers see the old file or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise PrepError(f"{path}: no manifest (prepare the data with 'python -m data_prep shards')")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PrepError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != "webdataset" or manifest.get("version") != FORMAT_VERSION:
+        raise PrepError(f"{path}: not a version-{FORMAT_VERSION} webdataset manifest")
+    return manifest
+
+
+def _split_summary(records: list[dict], augment_copies: int) -> dict:
+    class_counts: dict[str, int] = {}
+    for r in records:
+        for label, n in r["class_counts"].items():
+            class_counts[label] = class_counts.get(label, 0) + n
+    skipped_names = {s["name"] for r in records for s in r["skipped"]}
+    planned = sum(r["planned"] for r in records)
+    copies = max(1, augment_copies) if records and records[0]["split"] == "train" else 1
+    found = planned // copies
+    return {
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
+        "samples": sum(r["samples"] for r in records),
+        "bytes": sum(r["bytes"] for r in records),
+        "found": found,
+        "written": found - len(skipped_names),
+        "skipped": len(skipped_names),
+        "converted": sum(r["converted"] for r in records) // copies,
+        "augment_copies": augment_copies if copies > 1 else 0,
+        "class_counts": dict(sorted(class_counts.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
+def finalize(directory: Path) -> dict:
+    """Merge the shard records into ``manifest.json``; fail naming any shard still missing."""
+    directory = Path(directory)
+    plan_path = directory / PLAN_FILE
+    if not plan_path.is_file():
+        raise PrepError(f"{directory}: no {PLAN_FILE}; run 'python -m data_prep shards' first")
+    plan = json.loads(plan_path.read_text())
+    records, missing = {}, []
+    for shard in plan["shards"]:
+        part = directory / PARTS_DIR / f"{shard['name']}.json"
+        if part.is_file() and (directory / shard["name"]).is_file():
+            records.setdefault(shard["split"], []).append(json.loads(part.read_text()))
+        else:
+            missing.append(shard["name"])
+    if missing:
+        raise PrepError(
+            f"{directory}: {len(missing)} of {len(plan['shards'])} shards are not complete "
+            f"(first: {missing[0]}); re-run the same 'shards' command (or the missing array tasks)"
+        )
+    params = plan["parameters"]
+    splits = {split: _split_summary(rs, params["augment_copies"]) for split, rs in records.items()}
+    # A bad image baked into K augmented copies is skipped K times: record it once.
+    unique = {(s["split"], s["name"]): s for rs in records.values() for r in rs for s in r["skipped"]}
+    skipped = list(unique.values())
+    manifest = {
+        "format": "webdataset",
+        "version": FORMAT_VERSION,
+        "classes": plan["classes"],
+        "splits": splits,
+        "totals": {k: sum(s[k] for s in splits.values()) for k in ("found", "written", "skipped", "samples", "bytes")},
+        "skipped": skipped,
+        "parameters": params,
+    }
+    atomic_write_json(directory / MANIFEST, manifest)
+    _print_summary(directory, manifest)
+    return manifest
+
+
+def _print_summary(directory: Path, manifest: dict) -> None:
+    for split, s in manifest["splits"].items():
+        print(
+            f"{split}: found {s['found']}, written {s['written']}, skipped {s['skipped']}, "
+            f"converted {s['converted']}; {s['samples']} samples in {len(s['shards'])} shards "
+            f"({s['bytes'] / 1e6:.1f} MB)",
+            file=sys.stderr,
+        )
+    for s in manifest["skipped"][:20]:
+        print(f"  skipped {s['split']}/{s['name']}: {s['reason']}", file=sys.stderr)
+    if len(manifest["skipped"]) > 20:
+        print(f"  ... and {len(manifest['skipped']) - 20} more (see the manifest)", file=sys.stderr)
+    print(f"manifest: {directory / MANIFEST}", file=sys.stderr)

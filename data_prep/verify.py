@@ -1,0 +1,89 @@
+"""``verify DIR``: re-read every shard and hold it against the manifest."""
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import sys
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+from .manifest import load_manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
+    path = directory / shard["name"]
+    if not path.is_file():
+        return [f"{path}: missing"]
+    problems = []
+    if path.stat().st_size != shard["bytes"]:
+        problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+    if _sha256(path) != shard["sha256"]:
+        problems.append(f"{path}: sha256 differs from the manifest")
+    count = 0
+    try:
+        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            count += 1
+            key = sample["__key__"]
+            if not {"jpg", "cls", "json"} <= sample.keys():
+                problems.append(f"{path}: sample {key} lacks {sorted({'jpg', 'cls', 'json'} - sample.keys())}")
+                continue
+            label = int(sample["cls"])
+            if not 0 <= label < num_classes:
+                problems.append(f"{path}: sample {key} has label {label}, outside 0..{num_classes - 1}")
+            try:
+                with Image.open(io.BytesIO(sample["jpg"])) as image:
+                    image.load()
+                    if image.format != "JPEG" or image.mode != "RGB":
+                        problems.append(f"{path}: sample {key} is {image.format}/{image.mode}, not RGB JPEG")
+            except Exception as exc:  # any decoder failure is a finding, not a crash
+                problems.append(f"{path}: sample {key} does not decode ({exc})")
+    except Exception as exc:
+        problems.append(f"{path}: unreadable as a webdataset tar ({exc})")
+    if count != shard["samples"]:
+        problems.append(f"{path}: {count} samples, manifest says {shard['samples']}")
+    return problems
+
+
+def _verify_job(args) -> list[str]:
+    return verify_shard(*args)
+
+
+def verify(directory: Path, workers: int = 1) -> list[str]:
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    num_classes = len(manifest["classes"])
+    jobs = [(directory, s, num_classes) for info in manifest["splits"].values() for s in info["shards"]]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_verify_job, jobs, chunksize=1)
+    else:
+        results = [_verify_job(j) for j in jobs]
+    problems = [p for r in results for p in r]
+    for split, info in manifest["splits"].items():
+        if sum(s["samples"] for s in info["shards"]) != info["samples"]:
+            problems.append(f"{directory}: {split} shard counts do not add up to {info['samples']}")
+    return problems
+
+
+def main(directory: Path, workers: int = 1) -> int:
+    problems = verify(directory, workers)
+    manifest = load_manifest(directory)
+    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        print(f"verify: {len(problems)} problems in {directory}", file=sys.stderr)
+        return 1
+    print(f"verify: {shards} shards, {manifest['totals']['samples']} samples OK in {directory}")
+    return 0

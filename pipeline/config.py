@@ -1,0 +1,269 @@
+"""The run configuration: typed sections, YAML files, ``key=value`` overrides, validation.
+
+Every key has a type and a default here; a YAML recipe only states what differs. Loading
+fails with one message naming the offending key (unknown key, wrong type, value out of
+range) before anything starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_prep.augment import INTERPOLATIONS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key or path."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "googlenet"  # googlenet (the paper's), googlenet_bn (torchvision's), or any torchvision model
+    aux_logits: bool = True
+    aux_weight: float = 0.3  # total loss = main + aux_weight * (aux1 + aux2)
+    dropout: float | None = None  # None: the model's default (0.4 for the paper's GoogLeNet)
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    crop: bool = True  # random-resized crop; False: the evaluation transform (resize + centre crop)
+    crop_area: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    interpolations: list[str] = field(default_factory=lambda: list(INTERPOLATIONS))
+    flip: bool = True
+    brightness: list[float] | None = field(default_factory=lambda: [0.5, 1.5])  # null: off
+    contrast: list[float] | None = field(default_factory=lambda: [0.5, 1.5])
+    saturation: list[float] | None = field(default_factory=lambda: [0.5, 1.5])
+    random_order: bool = True
+    lighting_std: float = 0.0  # AlexNet PCA lighting noise (0.1 in the paper era)
+
+
+@dataclass
+class DataConfig:
+    format: str = "webdataset"
+    dir: str | None = None  # prepared shards (with manifest.json); null: the demo data
+    demo_root: str = "demo_data"  # where the demo data is prepared on first use
+    image_size: int = 224
+    eval_resize: int | None = None  # shorter side before the centre crop; null: image_size * 256 / 224
+    batch_size: int = 32  # per process
+    eval_batch_size: int | None = None  # null: 2 x batch_size
+    workers: int = 4  # loader processes per training process
+    shuffle_buffer: int = 2000  # samples, on top of the global shuffle of the shards and shard order
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01  # for the total batch (all processes, after accumulation)
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    decay_bias_and_norm: bool = True  # false: no weight decay on biases and normalisation layers
+    label_smoothing: float = 0.0
+    grad_accum: int = 1
+    clip_grad_norm: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "paper"  # paper (x gamma every step_epochs), step, cosine, constant
+    epochs: int = 30
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor x lr
+    warmup_start_factor: float = 0.1
+    step_epochs: float = 8.0  # paper: 8; step: e.g. 30
+    gamma: float = 0.96  # paper: 0.96; step: e.g. 0.1
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9998  # per update
+    every: int = 1  # update the average every N optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    mixed_precision: str = "no"  # no, fp16, bf16
+    eval_every_epochs: int = 1
+    checkpoint_every_steps: int = 0  # 0: at each epoch end only
+    keep_checkpoints: int = 2  # the last K, plus the best by validation top-1 error
+    log_every_steps: int = 20
+    image_grid: bool = True  # a grid of augmented training images once per epoch
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
+
+
+@dataclass
+class Config:
+    name: str = "demo"  # the run directory is output_dir/name
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int accepted for float), or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown key {where!r} (valid: {', '.join(sorted(names))})")
+    instance = cls()
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else key
+        setattr(instance, key, _coerce(value, hints[key], where))
+    return instance
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=0.02")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for text in overrides:
+        _merge(values, *_parse_override(text))
+    config = _build(Config, values)
+    validate(config)
+    return config
+
+
+def _check(condition: bool, key: str, value, expectation: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {value!r} is out of range ({expectation})")
+
+
+def _check_range(pair, key: str, low: float, high: float | None = None) -> None:
+    if pair is None:
+        return
+    _check(len(pair) == 2 and low <= pair[0] <= pair[1] and (high is None or pair[1] <= high),
+           key, pair, f"[lo, hi] with {low} <= lo <= hi" + (f" <= {high}" if high is not None else ""))
+
+
+def validate(c: Config) -> None:
+    """Ranges and choices; the existence of the shards is checked when the data is opened."""
+    _check(c.name and "/" not in c.name, "name", c.name, "a non-empty directory name")
+    _check(c.model.aux_weight >= 0, "model.aux_weight", c.model.aux_weight, ">= 0")
+    _check(c.model.dropout is None or 0 <= c.model.dropout < 1, "model.dropout", c.model.dropout, "[0, 1)")
+    _check(c.data.format in ("webdataset", "ffcv"), "data.format", c.data.format, "webdataset or ffcv")
+    _check(c.data.image_size >= 16, "data.image_size", c.data.image_size, ">= 16")
+    _check(c.data.eval_resize is None or c.data.eval_resize >= c.data.image_size,
+           "data.eval_resize", c.data.eval_resize, ">= data.image_size")
+    _check(c.data.batch_size >= 1, "data.batch_size", c.data.batch_size, ">= 1")
+    _check(c.data.eval_batch_size is None or c.data.eval_batch_size >= 1,
+           "data.eval_batch_size", c.data.eval_batch_size, ">= 1")
+    _check(c.data.workers >= 0, "data.workers", c.data.workers, ">= 0")
+    _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
+    a = c.data.augment
+    _check_range(a.crop_area, "data.augment.crop_area", 1e-6, 1.0)
+    _check_range(a.crop_ratio, "data.augment.crop_ratio", 1e-6)
+    _check(bool(a.interpolations) and set(a.interpolations) <= set(INTERPOLATIONS),
+           "data.augment.interpolations", a.interpolations, f"a non-empty subset of {list(INTERPOLATIONS)}")
+    for name in ("brightness", "contrast", "saturation"):
+        _check_range(getattr(a, name), f"data.augment.{name}", 0.0)
+    _check(a.lighting_std >= 0, "data.augment.lighting_std", a.lighting_std, ">= 0")
+    o = c.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "[0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "[0, 1)")
+    _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, ">= 1")
+    _check(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", o.clip_grad_norm, "> 0")
+    s = c.schedule
+    _check(s.name in ("paper", "step", "cosine", "constant"), "schedule.name", s.name, "paper, step, cosine or constant")
+    _check(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
+    _check(0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs, "[0, schedule.epochs)")
+    _check(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", s.warmup_start_factor, "(0, 1]")
+    _check(s.step_epochs > 0, "schedule.step_epochs", s.step_epochs, "> 0")
+    _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "(0, 1]")
+    _check(0 <= s.min_lr < o.lr, "schedule.min_lr", s.min_lr, "[0, optim.lr)")
+    _check(0 < c.ema.decay < 1, "ema.decay", c.ema.decay, "(0, 1)")
+    _check(c.ema.every >= 1, "ema.every", c.ema.every, ">= 1")
+    t = c.train
+    _check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", t.mixed_precision, "no, fp16 or bf16")
+    _check(t.eval_every_epochs >= 1, "train.eval_every_epochs", t.eval_every_epochs, ">= 1")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", t.checkpoint_every_steps, ">= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

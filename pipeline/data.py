@@ -1,0 +1,224 @@
+"""WebDataset input pipeline: sharded by hand across ranks and loader workers.
+
+Both splits are cut the same way: the shards, in an order (reshuffled every epoch for
+training, the same permutation on every rank), are seen as one sequence of samples whose
+length the manifest gives, and every (rank, loader worker) slot reads its own contiguous
+range of it, skipping into its first shard and stopping inside its last. So no sample is
+read twice, no slot runs short, and no shard needs to be split evenly.
+
+Training: rank r's workers together get exactly ``batches_per_epoch`` full batches (the
+DataLoader takes workers in turn, so worker w gets batches w, w + n, ...), which makes every
+rank take the same number of steps and DDP never waits; the remainder of the epoch (fewer
+than world x batch samples) is dropped. Each worker runs a seeded shuffle buffer, then decodes
+and crops into uint8 tensors. Everything random is seeded from (seed, epoch, rank, worker,
+sample), so a run resumed mid-epoch sees the same batches as an uninterrupted one; the batches
+it already did are dropped before decoding.
+
+Validation: the ranges cover every sample exactly once, nothing padded or dropped; the
+trainer all-reduces the counts and checks them against the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep import augment
+from data_prep.manifest import PrepError, load_manifest
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings, stable across processes and runs."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    directory: Path
+    classes: list[dict]
+    train: list[Shard]
+    val: list[Shard]
+    augment_copies: int
+    augment_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def train_samples(self) -> int:
+        return sum(s.samples for s in self.train)
+
+    @property
+    def val_samples(self) -> int:
+        return sum(s.samples for s in self.val)
+
+
+def open_prepared(directory: str | Path) -> PreparedData:
+    """Read the manifest and check that every shard it names is there."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    splits = manifest["splits"]
+    for split in ("train", "val"):
+        if split not in splits or not splits[split]["shards"]:
+            raise PrepError(f"{directory / 'manifest.json'}: no {split} shards")
+    shards = {}
+    for split in ("train", "val"):
+        shards[split] = []
+        for s in splits[split]["shards"]:
+            path = directory / s["name"]
+            if not path.is_file():
+                raise PrepError(f"{path}: shard listed in the manifest is missing")
+            shards[split].append(Shard(str(path), s["samples"]))
+    params = manifest["parameters"]
+    return PreparedData(directory, manifest["classes"], shards["train"], shards["val"],
+                        params.get("augment_copies", 0), params.get("augment_size", 0))
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _raw_samples(urls: list[str]):
+    """(key, jpeg bytes, label) in shard order, read by webdataset."""
+    stream = wds.tarfile_to_samples()(({"url": u} for u in urls))
+    for sample in stream:
+        yield sample["__key__"], sample["jpg"], int(sample["cls"])
+
+
+def _sample_range(shards: list[Shard], start: int, stop: int):
+    """Samples ``start``..``stop - 1`` of the concatenated shards, opening only those needed."""
+    offset = 0
+    for shard in shards:
+        first, last = max(offset, start), min(offset + shard.samples, stop)
+        if first < last:
+            for i, sample in enumerate(_raw_samples([shard.url]), start=offset):
+                if i >= last:
+                    break
+                if i >= first:
+                    yield sample
+        offset += shard.samples
+
+
+def _equal_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering 0..total, sizes differing by at most one."""
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _batches(samples, batch_size: int):
+    images, labels = [], []
+    for image, label in samples:
+        images.append(image)
+        labels.append(label)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, shards: list[Shard], *, batch_size: int, batches_per_epoch: int, rank: int,
+                 world_size: int, seed: int, image_size: int, crop: augment.CropSpec | None,
+                 baked: bool, shuffle_buffer: int, eval_resize: int):
+        self.shards, self.batch_size, self.batches_per_epoch = shards, batch_size, batches_per_epoch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.image_size, self.crop, self.baked = image_size, crop, baked
+        self.shuffle_buffer, self.eval_resize = shuffle_buffer, eval_resize
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Call before iterating; ``start_batch`` skips the batches a resumed run already did."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _epoch_order(self) -> list[Shard]:
+        order = list(self.shards)
+        random.Random(mix_seed(self.seed, self.epoch, "shards")).shuffle(order)
+        return order
+
+    def _decode(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        if self.baked:  # already cropped and distorted at preparation time
+            return augment.decode_center_crop(data, self.image_size, self.image_size)
+        if self.crop is None:
+            return augment.decode_center_crop(data, self.image_size, self.eval_resize)
+        return augment.decode_random_crop(data, self.image_size, self.crop, rng)
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        # The DataLoader takes workers in turn, starting with worker 0, so lane l (batches
+        # l, l + n, ... of the epoch) must be served by the worker whose turn batch l is. After a
+        # resume at start_batch the turns are rotated: worker w serves lane (w + start_batch) % n.
+        lane = (worker + self.start_batch) % num_workers
+        batches = [len(range(i, self.batches_per_epoch, num_workers)) for i in range(num_workers)]
+        start = (self.rank * self.batches_per_epoch + sum(batches[:lane])) * self.batch_size
+        wanted = batches[lane] * self.batch_size
+        skip = len(range(lane, min(self.start_batch, self.batches_per_epoch), num_workers))
+        samples = _sample_range(self._epoch_order(), start, start + wanted)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "buffer"))
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        base = mix_seed(self.seed, self.epoch, self.rank, lane, "augment")
+
+        def decoded():
+            for i, (key, data, label) in enumerate(samples):
+                if i < skip * self.batch_size:
+                    continue  # resumed mid-epoch: these batches were already trained on
+                try:
+                    yield self._decode(data, random.Random(base + i)), label
+                except Exception as exc:
+                    raise RuntimeError(f"training sample {key}: cannot decode ({exc})") from exc
+
+        yield from _batches(decoded(), self.batch_size)
+
+
+class EvalStream(IterableDataset):
+    """Each validation sample once, in one (rank, worker) slot; the last batch may be short."""
+
+    def __init__(self, shards: list[Shard], *, batch_size: int, rank: int, world_size: int,
+                 image_size: int, resize: int):
+        self.shards, self.batch_size = shards, batch_size
+        self.rank, self.world_size, self.image_size, self.resize = rank, world_size, image_size, resize
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        total = sum(s.samples for s in self.shards)
+        start, stop = _equal_ranges(total, self.world_size * num_workers)[self.rank * num_workers + worker]
+
+        def decoded():
+            for key, data, label in _sample_range(self.shards, start, stop):
+                try:
+                    yield augment.decode_center_crop(data, self.image_size, self.resize), label
+                except Exception as exc:
+                    raise RuntimeError(f"validation sample {key}: cannot decode ({exc})") from exc
+
+        yield from _batches(decoded(), self.batch_size)
+
+
+def eval_resize_for(image_size: int, eval_resize: int | None) -> int:
+    return eval_resize or round(image_size * 256 / 224)
+
+
+def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,  # batches are formed in the workers
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # workers re-read the stream's epoch at each iteration
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )

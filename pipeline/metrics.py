@@ -1,0 +1,42 @@
+"""Top-k error from counts, so that errors over any number of processes are exact.
+
+Counts stay on the device (no host synchronisation per batch) until they are reduced.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """For each k, the number of samples whose label is among the k highest logits."""
+    k_max = min(max(ks), logits.shape[1])
+    hits = logits.topk(k_max, dim=1).indices.eq(labels[:, None])
+    return torch.stack([hits[:, : min(k, k_max)].any(dim=1).sum() for k in ks])
+
+
+class Tally:
+    """Summed sample count, top-1 and top-5 hits and loss over batches (and processes)."""
+
+    def __init__(self):
+        self.totals: torch.Tensor | None = None  # [count, correct1, correct5, loss_sum], float64
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        count = torch.tensor([labels.numel()], device=labels.device)
+        row = torch.cat([count, topk_correct(logits, labels)]).double()
+        row = torch.cat([row, loss_sum.detach().double().reshape(1)])
+        self.totals = row if self.totals is None else self.totals + row
+
+    def reduce(self, accelerator) -> "Tally":
+        totals = self.totals if self.totals is not None else torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        reduced = Tally()
+        reduced.totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum")
+        return reduced
+
+    @property
+    def count(self) -> int:
+        return 0 if self.totals is None else int(self.totals[0])
+
+    def errors(self) -> dict[str, float]:
+        count, c1, c5, loss = (self.totals.tolist() if self.totals is not None else [0.0] * 4)
+        n = max(count, 1)
+        return {"top1_error": 1 - c1 / n, "top5_error": 1 - c5 / n, "loss": loss / n}

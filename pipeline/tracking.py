@@ -1,0 +1,54 @@
+"""TensorBoard (through Accelerate's tracker) and ``metrics.jsonl``, from the main process only.
+
+Everything for step S is logged before checkpoint S is written. On resume from checkpoint S,
+TensorBoard's ``purge_step=S+1`` hides whatever the interrupted run logged after S, and
+``metrics.jsonl`` is cut back to S, so no step is shown twice or lost.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_prep.augment import IMAGENET_MEAN, IMAGENET_STD
+
+TRACKER_DIR = "tensorboard"
+METRICS_FILE = "metrics.jsonl"
+
+
+def start_tracking(accelerator, run_dir: Path, resume_step: int, config_text: str) -> None:
+    init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step else {}
+    accelerator.init_trackers(TRACKER_DIR, init_kwargs=init_kwargs)
+    if accelerator.is_main_process:
+        _truncate_metrics(run_dir / METRICS_FILE, resume_step)
+        if not resume_step:
+            # Markdown code block, so TensorBoard's text tab shows the YAML as written.
+            text = "    " + config_text.replace("\n", "\n    ")
+            accelerator.get_tracker("tensorboard").log({"config": text}, step=0)
+
+
+def _truncate_metrics(path: Path, resume_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_metrics(accelerator, run_dir: Path, record: dict) -> None:
+    if accelerator.is_main_process:
+        with open(run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def log_image_grid(accelerator, images: torch.Tensor, step: int, count: int = 32) -> None:
+    """The first ``count`` network inputs (normalised) back in [0, 1], as one grid."""
+    if not accelerator.is_main_process:
+        return
+    from torchvision.utils import make_grid
+
+    batch = images[:count].detach().float().cpu()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    grid = make_grid((batch * std + mean).clamp(0, 1), nrow=8)
+    accelerator.get_tracker("tensorboard").log_images({"train/augmented_images": grid[None]}, step=step)

@@ -1,0 +1,397 @@
+"""The training loop: Accelerate DDP, device-side augmentation, exact evaluation, resumption."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from data_prep import augment
+from data_prep.manifest import PrepError
+
+from . import tracking
+from .checkpoint import CheckpointManager
+from .config import Config, ConfigError, dump
+from .data import EvalStream, PreparedData, TrainStream, eval_resize_for, make_loader, mix_seed, open_prepared
+from .metrics import Tally
+from .models import build_model, forward_with_aux
+from .schedule import build_scheduler
+
+
+class LaunchError(RuntimeError):
+    """The processes did not form the group the launcher asked for."""
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    # Without cpu=True on a host without CUDA, Accelerate starts independent single-process runs
+    # instead of one gloo group; on CUDA hosts, the launcher's settings apply as usual.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.train.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise LaunchError(
+            f"the launcher started {expected} processes but they formed a group of "
+            f"{accelerator.num_processes}; refusing to train as independent copies"
+        )
+    return accelerator
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float, decay_bias_and_norm: bool) -> list[dict]:
+    if decay_bias_and_norm:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)  # biases and norm scales/shifts
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    best_val_top1_error: float | None = None
+
+
+class Trainer:
+    def __init__(self, config: Config, data: PreparedData):
+        self.config = config
+        self.data = data
+        self.accelerator = make_accelerator(config)
+        acc, c = self.accelerator, config
+        self.run_dir = config.run_dir
+        self.baked = data.augment_copies > 0
+        if self.baked and data.augment_size != c.data.image_size:
+            raise ConfigError(
+                f"data.image_size: {c.data.image_size} but {data.directory} holds augmented copies of size "
+                f"{data.augment_size}; set data.image_size={data.augment_size}"
+            )
+        self.batch_size = c.data.batch_size
+        self.accum = c.optim.grad_accum
+        per_update = self.batch_size * acc.num_processes * self.accum
+        self.updates_per_epoch = data.train_samples // per_update
+        if self.updates_per_epoch < 1:
+            raise ConfigError(
+                f"data.batch_size: {self.batch_size} x {acc.num_processes} processes x {self.accum} accumulation "
+                f"exceeds the {data.train_samples} training samples in {data.directory}"
+            )
+        self.batches_per_epoch = self.updates_per_epoch * self.accum
+        self.total_updates = c.schedule.epochs * self.updates_per_epoch
+        if c.train.max_steps:
+            self.total_updates = min(self.total_updates, c.train.max_steps)
+
+        torch.manual_seed(c.seed)  # identical initial weights on every process
+        model = build_model(c.model.name, data.num_classes, c.model.aux_logits, c.model.dropout)
+        if c.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(
+            _param_groups(model, c.optim.weight_decay, c.optim.decay_bias_and_norm),
+            lr=c.optim.lr, momentum=c.optim.momentum, nesterov=c.optim.nesterov,
+        )
+        # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
+        self.scheduler = build_scheduler(optimizer, c.schedule, self.updates_per_epoch)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if c.model.compile:
+            self.model = torch.compile(self.model)
+        acc.register_for_checkpointing(self.scheduler)
+        self.ema = None
+        if c.ema.enabled:
+            self.ema = AveragedModel(acc.unwrap_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(c.ema.decay), use_buffers=True)
+            acc.register_for_checkpointing(self.ema)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", acc, c.train.keep_checkpoints)
+        self.progress = Progress()
+
+        a = c.data.augment
+        crop = augment.CropSpec(tuple(a.crop_area), tuple(a.crop_ratio), tuple(a.interpolations), a.flip) if a.crop else None
+        self.photometric = augment.PhotometricSpec(
+            *(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)), a.random_order, a.lighting_std
+        )
+        self.photometric_on = not self.baked and (any((a.brightness, a.contrast, a.saturation)) or a.lighting_std > 0)
+        eval_resize = eval_resize_for(c.data.image_size, c.data.eval_resize)
+        self.train_stream = TrainStream(
+            data.train, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch, rank=acc.process_index,
+            world_size=acc.num_processes, seed=c.seed, image_size=c.data.image_size, crop=crop, baked=self.baked,
+            shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize,
+        )
+        self.eval_stream = EvalStream(
+            data.val, batch_size=c.data.eval_batch_size or 2 * self.batch_size, rank=acc.process_index,
+            world_size=acc.num_processes, image_size=c.data.image_size, resize=eval_resize,
+        )
+
+    # ----------------------------------------------------------------------------- helpers
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(message, file=sys.stderr)
+
+    def _prepare_inputs(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """uint8 batch from the loader -> distorted, normalised float batch on the device."""
+        images = images.to(self.accelerator.device, non_blocking=True)
+        if self.photometric_on:
+            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, step, self.accelerator.process_index, "photo"))
+            images = augment.photometric_distort(images, self.photometric, generator)
+        else:
+            images = images.float().div_(255)
+        images = augment.normalize(images)
+        if self.config.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total loss (main + aux_weight x each auxiliary head), main logits, [main, aux...] losses."""
+        out = forward_with_aux(self.model, images)
+        smoothing = self.config.optim.label_smoothing
+        losses = [F.cross_entropy(x.float(), labels, label_smoothing=smoothing) for x in (out.logits, *out.aux)]
+        total = losses[0] + self.config.model.aux_weight * sum(losses[1:]) if len(losses) > 1 else losses[0]
+        return total, out.logits, torch.stack(losses).detach()
+
+    # ----------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Exact top-1/top-5 error over the whole validation set, in any number of processes."""
+        acc = self.accelerator
+        was_training = model.training
+        model.eval()
+        tally = Tally()
+        for images, labels in make_loader(self.eval_stream, self.config.data.workers, acc.device.type == "cuda"):
+            inputs = augment.normalize(images.to(acc.device, non_blocking=True).float().div_(255))
+            if self.config.model.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(acc.device)
+            with acc.autocast():
+                logits = forward_with_aux(model, inputs).logits.float()
+            tally.add(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
+        model.train(was_training)
+        total = tally.reduce(acc)
+        if total.count != self.data.val_samples:
+            raise RuntimeError(
+                f"validation counted {total.count} samples, the manifest of {self.data.directory} says "
+                f"{self.data.val_samples}"
+            )
+        return {**total.errors(), "count": total.count}
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _save(self) -> Path:
+        state = {"step": self.progress.step, "best_val_top1_error": self.progress.best_val_top1_error}
+        return self.checkpoints.save(self.progress.step, state)
+
+    def _resume(self) -> None:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return
+        state = self.checkpoints.load(latest)
+        self.progress = Progress(state["step"], state["best_val_top1_error"])
+        self.log(f"resumed from {latest} (step {self.progress.step})")
+
+    # ----------------------------------------------------------------------------- training
+    def train(self) -> dict:
+        acc, c = self.accelerator, self.config
+        if acc.is_main_process:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump(c))
+        acc.wait_for_everyone()
+        self._resume()
+        tracking.start_tracking(acc, self.run_dir, self.progress.step, dump(c))
+        tracker = acc.get_tracker("tensorboard") if acc.is_main_process else None
+        self.log(
+            f"{c.model.name}: {self.data.train_samples} training / {self.data.val_samples} validation images, "
+            f"{self.data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}, "
+            f"{self.updates_per_epoch} updates per epoch of {self.batch_size * acc.num_processes * self.accum} images, "
+            f"{self.total_updates} updates in all"
+        )
+        last_record: dict = {}
+        self.model.train()
+        while self.progress.step < self.total_updates:
+            epoch = self.progress.step // self.updates_per_epoch
+            last_record = self._train_epoch(epoch, tracker) or last_record
+        self._check_replicas()
+        self.log(f"done. TensorBoard: tensorboard --logdir {self.run_dir / tracking.TRACKER_DIR}")
+        acc.end_training()
+        return last_record
+
+    def _check_replicas(self) -> None:
+        """DDP keeps the replicas identical; prove it at the end rather than trust it."""
+        acc = self.accelerator
+        params = [p.detach().double().flatten() for p in acc.unwrap_model(self.model).parameters()]
+        flat = torch.cat(params)
+        checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum()])
+        sums = acc.gather(checksum[None]).cpu()
+        if not torch.equal(sums, sums[:1].expand_as(sums)):
+            raise RuntimeError(f"model replicas differ across processes: checksums {sums.tolist()}")
+        self.log(f"parameters identical on all {acc.num_processes} processes")
+
+    def _train_epoch(self, epoch: int, tracker) -> dict | None:
+        acc, c = self.accelerator, self.config
+        start_update = self.progress.step - epoch * self.updates_per_epoch
+        end_update = min(self.updates_per_epoch, self.total_updates - epoch * self.updates_per_epoch)
+        self.train_stream.set_epoch(epoch, start_update * self.accum)
+        loader = iter(make_loader(self.train_stream, c.data.workers, acc.device.type == "cuda"))
+        epoch_tally, window_tally = Tally(), Tally()
+        window = _Window()
+        epoch_start = time.perf_counter()
+        epoch_images = 0
+        bar = tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
+                   disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True)
+        grid_logged = False
+        for update in range(start_update, end_update):
+            step = self.progress.step
+            for micro in range(self.accum):
+                wait_start = time.perf_counter()
+                images, labels = next(loader)
+                window.wait += time.perf_counter() - wait_start
+                torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
+                inputs = self._prepare_inputs(images, step * self.accum + micro)
+                labels = labels.to(acc.device, non_blocking=True)
+                if c.train.image_grid and not grid_logged:
+                    tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
+                    grid_logged = True
+                last_micro = micro == self.accum - 1
+                with (contextlib.nullcontext() if last_micro else acc.no_sync(self.model)), acc.autocast():
+                    loss, logits, losses = self._loss(inputs, labels)
+                acc.backward(loss / self.accum)
+                batch_n = labels.numel()
+                for tally in (epoch_tally, window_tally):
+                    tally.add(logits.detach().float(), labels, losses[0] * batch_n)
+                window.add(losses, batch_n)
+                epoch_images += batch_n
+            if c.optim.clip_grad_norm:
+                acc.clip_grad_norm_(self.model.parameters(), c.optim.clip_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.progress.step += 1
+            if self.ema is not None and self.progress.step % c.ema.every == 0:
+                self.ema.update_parameters(acc.unwrap_model(self.model))
+            bar.update(1)
+            if self.progress.step % c.train.log_every_steps == 0 or update == end_update - 1:
+                self._log_window(window, window_tally, tracker, bar)
+                window_tally, window = Tally(), _Window()
+            every = c.train.checkpoint_every_steps
+            if every and self.progress.step % every == 0 and update != self.updates_per_epoch - 1:
+                self._save()
+        bar.close()
+        epoch_done = end_update == self.updates_per_epoch  # else the run ends mid-epoch (max_steps)
+        return self._end_epoch(epoch, epoch_tally, epoch_images / (time.perf_counter() - epoch_start), epoch_done)
+
+    def _log_window(self, window: "_Window", tally: Tally, tracker, bar) -> None:
+        acc = self.accelerator
+        elapsed = time.perf_counter() - window.start
+        errors = tally.reduce(acc).errors()
+        values = {
+            "train/loss": errors["loss"],
+            "train/top1_error": errors["top1_error"],
+            "train/top5_error": errors["top5_error"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "throughput/images_per_sec": window.images * acc.num_processes / max(elapsed, 1e-9),
+            "throughput/data_wait_fraction": window.wait / max(elapsed, 1e-9),
+        }
+        aux = window.mean_losses()[1:]
+        for i, value in enumerate(aux, start=1):
+            values[f"train/loss_aux{i}"] = value
+        if acc.device.type == "cuda":
+            values["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if tracker is not None:
+            tracker.log(values, step=self.progress.step)
+            bar.set_postfix(loss=f"{errors['loss']:.3f}", err=f"{errors['top1_error']:.3f}",
+                            ips=f"{values['throughput/images_per_sec']:.0f}")
+
+    def _end_epoch(self, epoch: int, tally: Tally, images_per_sec: float, epoch_done: bool) -> dict:
+        acc, c = self.accelerator, self.config
+        step = self.progress.step
+        final = step >= self.total_updates
+        record = {"epoch": epoch + 1 if epoch_done else epoch + step % self.updates_per_epoch / self.updates_per_epoch,
+                  "step": step}
+        if (epoch + 1) % c.train.eval_every_epochs == 0 or final:
+            train = tally.reduce(acc).errors()
+            val = self.evaluate(acc.unwrap_model(self.model))
+            record.update({
+                "train_top1_error": train["top1_error"], "train_top5_error": train["top5_error"],
+                "train_loss": train["loss"], "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
+                "val_loss": val["loss"], "val_samples": val["count"],
+                "images_per_sec": images_per_sec * acc.num_processes,
+            })
+            values = {"val/top1_error": val["top1_error"], "val/top5_error": val["top5_error"], "val/loss": val["loss"]}
+            if self.ema is not None:
+                ema = self.evaluate(self.ema.module)
+                record.update({"ema_val_top1_error": ema["top1_error"], "ema_val_top5_error": ema["top5_error"]})
+                values.update({"val_ema/top1_error": ema["top1_error"], "val_ema/top5_error": ema["top5_error"]})
+            if acc.is_main_process:
+                acc.get_tracker("tensorboard").log(values, step=step)
+            tracking.append_metrics(acc, self.run_dir, record)
+            self.log(
+                f"epoch {record['epoch']:g}: step {step}, train loss {train['loss']:.3f}, "
+                f"train top-1 error {train['top1_error']:.3f}, val top-1/top-5 error "
+                f"{val['top1_error']:.3f}/{val['top5_error']:.3f}"
+                + (f" (EMA {record['ema_val_top1_error']:.3f}/{record['ema_val_top5_error']:.3f})" if self.ema else "")
+                + f", {record['images_per_sec']:.0f} img/s"
+            )
+            best = self.progress.best_val_top1_error
+            is_best = best is None or val["top1_error"] < best
+            if is_best:
+                self.progress.best_val_top1_error = val["top1_error"]
+            path = self._save()
+            if is_best:
+                self.checkpoints.mark_best(path, val["top1_error"], step)
+        else:
+            self._save()
+        return record
+
+
+class _Window:
+    """What happened since the last log line (this process only; errors come from a Tally)."""
+
+    def __init__(self):
+        self.start, self.wait, self.images, self.batches = time.perf_counter(), 0.0, 0, 0
+        self.loss_sums: torch.Tensor | None = None
+
+    def add(self, losses: torch.Tensor, images: int) -> None:
+        self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
+        self.images += images
+        self.batches += 1
+
+    def mean_losses(self) -> list[float]:
+        return [] if self.loss_sums is None else (self.loss_sums / self.batches).tolist()
+
+
+def run(config: Config) -> dict:
+    if config.data.format != "webdataset":
+        raise ConfigError(f"data.format: {config.data.format!r} is not available yet; use webdataset")
+    if config.data.dir is None:
+        directory = _prepare_demo_once(Path(config.data.demo_root))
+    else:
+        directory = Path(config.data.dir)
+    try:
+        data = open_prepared(directory)
+    except PrepError as exc:
+        raise ConfigError(f"data.dir: {exc}") from exc
+    return Trainer(config, data).train()
+
+
+def _prepare_demo_once(root: Path) -> Path:
+    """The demo data, prepared by the first process while the others wait for it (the
+    process group does not exist yet, so they watch for the manifest on the shared disk)."""
+    from data_prep.demo import ensure_demo
+    from data_prep.manifest import MANIFEST
+
+    shards = root / "shards"
+    if int(os.environ.get("RANK", "0")) == 0:
+        return ensure_demo(root)
+    deadline = time.monotonic() + 1800
+    while not (shards / MANIFEST).is_file():
+        if time.monotonic() > deadline:
+            raise PrepError(f"{shards}: rank 0 did not prepare the demo data within 30 minutes (shared disk?)")
+        time.sleep(1)
+    return shards
