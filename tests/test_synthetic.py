@@ -160,13 +160,14 @@ def test_mean_colour_is_uninformative():
     te, yte = _dataset(spec, 25, 1)
     feat = lambda ims: np.stack([np.asarray(im, np.float32).reshape(-1, 3).mean(0) for im in ims])  # noqa: E731
     acc = _nearest_centroid(feat(tr), ytr, feat(te), yte)
-    print("colour acc", acc)
     assert acc < 1 / len(DESIGNS) + 0.08, acc
 
 
 def test_shapes_are_learnable():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small model: one thread is as fast and immune to oversubscription
     spec = SyntheticSpec(num_classes=10, seed=1)
     n = 32
 
@@ -175,17 +176,17 @@ def test_shapes_are_learnable():
         g = (g - g.mean((1, 2), keepdims=True)) / (g.std((1, 2), keepdims=True) + 1e-3)
         return torch.from_numpy(g[:, None])
 
-    tr, ytr = _dataset(spec, 60, 0)
+    tr, ytr = _dataset(spec, 48, 0)
     te, yte = _dataset(spec, 20, 1)
     xtr, xte = tensor(tr), tensor(te)
-    xtr = torch.cat([xtr, xtr.flip(3), xtr.flip(2)])  # flips keep every class's identity
-    ytr = torch.from_numpy(np.concatenate([ytr] * 3))
+    xtr = torch.cat([xtr, xtr.flip(3)])  # a flip keeps every class's identity
+    ytr = torch.from_numpy(np.concatenate([ytr] * 2))
     nn = torch.nn
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
     model = nn.Sequential(*block(1, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2),
                           *block(32, 64), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(12):
+    for _ in range(10):
         perm = torch.randperm(len(xtr))
         for i in range(0, len(xtr), 64):
             b = perm[i:i + 64]
@@ -196,5 +197,5 @@ def test_shapes_are_learnable():
     model.eval()
     with torch.no_grad():
         acc = float((model(xte).argmax(1).numpy() == yte).mean())
-    print("cnn acc", acc)
+    torch.set_num_threads(threads)
     assert acc > 0.5, acc  # chance is 0.1
