@@ -11,8 +11,8 @@ batch ready for the model:
   ``ColorJitter`` + ``ToTensor`` + ``Normalize`` per image in the loader workers;
 - pipeline: shards prepared from the same files (outside the timing), ``TrainStream`` workers
   decode (at reduced JPEG scale when possible) and crop into uint8; the photometric distortion
-  and normalisation run batched in the main process (on the GPU in training; here on the
-  device given by ``--device``).
+  runs where the trainer runs it: batched on the GPU (``--device cuda``), or per image in the
+  loader workers on a CPU-only machine; normalisation in the main process.
 Prints images/s for each and the ratio, best of ``--repeats`` passes each.
 """
 from __future__ import annotations
@@ -85,8 +85,12 @@ def main() -> None:
         device = torch.device(args.device)
         photometric = augment.PhotometricSpec()
 
+        on_gpu = device.type == "cuda"
+
         def device_side(x: torch.Tensor) -> torch.Tensor:
-            x = augment.normalize(augment.photometric_distort(x.to(device, non_blocking=True), photometric))
+            x = x.to(device, non_blocking=True)
+            x = augment.photometric_distort(x, photometric) if on_gpu else x.float().div_(255)
+            x = augment.normalize(x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return x
@@ -99,7 +103,8 @@ def main() -> None:
 
         stream = TrainStream(data.train, batch_size=args.batch_size, batches_per_epoch=len(files) // args.batch_size,
                              rank=0, world_size=1, seed=0, image_size=args.size, crop=augment.CropSpec(), baked=False,
-                             shuffle_buffer=1000, eval_resize=round(args.size * 256 / 224))
+                             shuffle_buffer=1000, eval_resize=round(args.size * 256 / 224),
+                             photometric=None if on_gpu else photometric)
         results = {"reference": 0.0, "pipeline": 0.0}
         for repeat in range(args.repeats):
             ref = reference_loader(work / "images", args.size, args.batch_size, args.workers)
@@ -108,7 +113,7 @@ def main() -> None:
             ours = make_loader(stream, args.workers, pin_memory=device.type == "cuda")
             results["pipeline"] = max(results["pipeline"], timed(ours, args.batches, device_side))
         print(f"{len(files)} images from {args.src} (x{args.replicate}), {args.size}px crops, batch {args.batch_size}, "
-              f"{args.workers} workers, photometric on {device}")
+              f"{args.workers} workers, photometric {'batched on the GPU' if on_gpu else 'in the loader workers'}")
         print(f"{'torchvision ImageFolder + PIL':34s} {results['reference']:8.0f} img/s   1.00x")
         print(f"{'WebDataset shards (this project)':34s} {results['pipeline']:8.0f} img/s   "
               f"{results['pipeline'] / results['reference']:.2f}x")

@@ -27,7 +27,7 @@ def _add_shards(subparsers) -> None:
         "shuffled WebDataset tar shards plus DIR/manifest.json. Re-running resumes.",
     )
     p.add_argument("--train", required=True, help="class folders, or ILSVRC2012_img_train.tar")
-    p.add_argument("--val", help="class folders, flat files, or ILSVRC2012_img_val.tar")
+    p.add_argument("--val", help="class folders, flat files, or ILSVRC2012_img_val.tar (the trainer needs it)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--val-labels", help="LOC_val_solution.csv or a 'filename wnid' text file")
     labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
@@ -41,7 +41,7 @@ def _add_shards(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the global training shuffle")
     p.add_argument("--augment-copies", type=int, default=0, help="bake K augmented copies per training image")
     p.add_argument("--augment-size", type=_positive, default=224, help="side of the baked copies")
-    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
     p.add_argument("--num-tasks", type=_positive, default=1, help="split the work over N array tasks")
     p.add_argument("--task-id", type=int, default=0, help="this task's index, 0..N-1")
     p.set_defaults(func=_run_shards)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: (finalize(a.out), 0)[1])
     p = subparsers.add_parser("verify", help="re-read every shard and check it against the manifest")
     p.add_argument("out", type=Path)
-    p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)))
     p.set_defaults(func=lambda a: verify.main(a.out, a.workers))
     return parser
 

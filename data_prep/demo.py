@@ -35,7 +35,7 @@ def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
     shards = root / "shards"
     if (shards / MANIFEST).is_file():
         return shards
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0))
     print(f"preparing the demo data in {root} (once)", file=sys.stderr)
     generate(root / "images", SyntheticSpec(), workers=workers)
     run(demo_params(root / "images"), shards, workers=workers)

@@ -100,13 +100,12 @@ def scan_class_folders(root: Path) -> list[SampleRef]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise SourceError(f"{root}: no class folders found")
-    refs = [
-        SampleRef(str(p), str(p.relative_to(root)), cls)
-        for cls in classes
-        for p in _visible_files(root / cls)
-    ]
-    if not refs:
-        raise SourceError(f"{root}: class folders contain no files")
+    refs = []
+    for cls in classes:
+        files = _visible_files(root / cls)
+        if not files:  # dropping it would silently shift every later class index
+            raise SourceError(f"{root / cls}: class folder holds no files")
+        refs += [SampleRef(str(p), str(p.relative_to(root)), cls) for p in files]
     return refs
 
 
@@ -118,7 +117,8 @@ def scan_train_tar(path: Path) -> list[SampleRef]:
             stem, ext = os.path.splitext(os.path.basename(inner.name))
             if ext.lower() != ".tar":
                 raise SourceError(f"{path}: member {inner.name!r} is not a per-class tar")
-            window = io.BufferedReader(_Window(f, inner.offset_data, inner.size))
+            # A 512-byte buffer: tarfile reads one header per member and seeks past the data.
+            window = io.BufferedReader(_Window(f, inner.offset_data, inner.size), buffer_size=512)
             for m in _tar_members(Path(f"{path}:{inner.name}"), inner.offset_data, window):
                 refs.append(SampleRef(str(path), f"{stem}/{m.name}", stem, m.offset_data, m.size))
     if not refs:

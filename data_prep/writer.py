@@ -110,6 +110,10 @@ def write_shard(out: Path, shard: ShardPlan, params: PrepParams) -> dict:
                 except OSError as exc:
                     skipped.append({"split": shard.split, "name": item.ref.name, "reason": f"unreadable: {exc}"})
                     continue
+                except Exception as exc:  # a decoder bug on one odd file must not stop the run
+                    reason = f"cannot decode: {type(exc).__name__}: {exc}"
+                    skipped.append({"split": shard.split, "name": item.ref.name, "reason": reason})
+                    continue
                 key = sample_key(item)
                 _add(tar, f"{key}.jpg", jpeg)
                 _add(tar, f"{key}.cls", str(item.label).encode())
@@ -156,7 +160,8 @@ def _claim_output(out: Path, plan: Plan) -> None:
             changed = [k for k in summary["parameters"] if previous["parameters"].get(k) != summary["parameters"][k]]
             what = f"parameters differ: {', '.join(changed)}" if changed else "sources have changed"
             raise PrepError(f"{out}: holds a preparation with a different plan ({what}); use another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(not p.name.startswith((PARTS_DIR, PLAN_FILE)) for p in out.iterdir()):
+        # (an array task that started a moment earlier may have made .parts and a .plan.json.tmp)
         raise PrepError(f"{out}: exists and is not empty; use another --out")
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan_path, summary)

@@ -78,6 +78,10 @@ class CheckpointManager:
                 if stale.name.removeprefix(".tmp-") < done[-1].name:
                     shutil.rmtree(stale, ignore_errors=True)
 
+    @staticmethod
+    def state(checkpoint: Path) -> dict:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+
     def load(self, checkpoint: Path) -> dict:
         self.accelerator.load_state(str(checkpoint))
-        return json.loads((checkpoint / STATE_FILE).read_text())
+        return self.state(checkpoint)

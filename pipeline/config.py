@@ -147,6 +147,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return _build(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -218,7 +223,7 @@ def validate(c: Config) -> None:
     _check(c.name and "/" not in c.name, "name", c.name, "a non-empty directory name")
     _check(c.model.aux_weight >= 0, "model.aux_weight", c.model.aux_weight, ">= 0")
     _check(c.model.dropout is None or 0 <= c.model.dropout < 1, "model.dropout", c.model.dropout, "[0, 1)")
-    _check(c.data.format in ("webdataset", "ffcv"), "data.format", c.data.format, "webdataset or ffcv")
+    _check(c.data.format == "webdataset", "data.format", c.data.format, "webdataset")
     _check(c.data.image_size >= 16, "data.image_size", c.data.image_size, ">= 16")
     _check(c.data.eval_resize is None or c.data.eval_resize >= c.data.image_size,
            "data.eval_resize", c.data.eval_resize, ">= data.image_size")

@@ -73,7 +73,7 @@ def open_prepared(directory: str | Path) -> PreparedData:
     splits = manifest["splits"]
     for split in ("train", "val"):
         if split not in splits or not splits[split]["shards"]:
-            raise PrepError(f"{directory / 'manifest.json'}: no {split} shards")
+            raise PrepError(f"{directory / 'manifest.json'}: no {split} shards (prepare them with --{split})")
     shards = {}
     for split in ("train", "val"):
         shards[split] = []
@@ -134,11 +134,15 @@ def _batches(samples, batch_size: int):
 class TrainStream(IterableDataset):
     def __init__(self, shards: list[Shard], *, batch_size: int, batches_per_epoch: int, rank: int,
                  world_size: int, seed: int, image_size: int, crop: augment.CropSpec | None,
-                 baked: bool, shuffle_buffer: int, eval_resize: int):
+                 baked: bool, shuffle_buffer: int, eval_resize: int,
+                 photometric: augment.PhotometricSpec | None = None):
         self.shards, self.batch_size, self.batches_per_epoch = shards, batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.image_size, self.crop, self.baked = image_size, crop, baked
         self.shuffle_buffer, self.eval_resize = shuffle_buffer, eval_resize
+        # Photometric distortion per image in the workers: for CPU-only training, where the
+        # "device" is the main process's cores (on a GPU the trainer does it batched instead).
+        self.photometric = photometric
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -150,12 +154,17 @@ class TrainStream(IterableDataset):
         random.Random(mix_seed(self.seed, self.epoch, "shards")).shuffle(order)
         return order
 
-    def _decode(self, data: bytes, rng: random.Random) -> torch.Tensor:
+    def _decode(self, data: bytes, seed: int) -> torch.Tensor:
         if self.baked:  # already cropped and distorted at preparation time
             return augment.decode_center_crop(data, self.image_size, self.image_size)
         if self.crop is None:
-            return augment.decode_center_crop(data, self.image_size, self.eval_resize)
-        return augment.decode_random_crop(data, self.image_size, self.crop, rng)
+            image = augment.decode_center_crop(data, self.image_size, self.eval_resize)
+        else:
+            image = augment.decode_random_crop(data, self.image_size, self.crop, random.Random(seed))
+        if self.photometric is not None:
+            distorted = augment.photometric_distort(image, self.photometric, torch.Generator().manual_seed(seed))
+            image = distorted.mul_(255).round_().to(torch.uint8)
+        return image
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -178,7 +187,7 @@ class TrainStream(IterableDataset):
                 if i < skip * self.batch_size:
                     continue  # resumed mid-epoch: these batches were already trained on
                 try:
-                    yield self._decode(data, random.Random(base + i)), label
+                    yield self._decode(data, base + i), label
                 except Exception as exc:
                     raise RuntimeError(f"training sample {key}: cannot decode ({exc})") from exc
 

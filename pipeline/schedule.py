@@ -7,8 +7,7 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LR
 from .config import ScheduleConfig
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, updates_per_epoch: int,
-                    min_lr: float | None = None) -> LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, updates_per_epoch: int) -> LRScheduler:
     """paper/step: x gamma every ``step_epochs``; cosine: to ``min_lr`` at the end; constant.
     An optional linear warm-up over ``warmup_epochs`` comes first."""
     total = cfg.epochs * updates_per_epoch

@@ -175,7 +175,8 @@ def test_bad_inputs_converted_or_skipped_and_recorded(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "no_images", "no_classes", "labels_mismatch", "unknown_val_class", "damaged_tar", "inner_not_tar"],
+    ["missing", "no_images", "empty_class", "no_classes", "labels_mismatch", "unknown_val_class", "damaged_tar",
+     "inner_not_tar"],
 )
 def test_unusable_sources_stop_before_any_output(tmp_path, case):
     train = tmp_path / "train"
@@ -185,6 +186,10 @@ def test_unusable_sources_stop_before_any_output(tmp_path, case):
     elif case == "no_images":
         (train / "n1").mkdir(parents=True)
         expected = str(train)
+    elif case == "empty_class":
+        class_folders(train, {"n1": 2, "n3": 1})
+        (train / "n2").mkdir()
+        expected = str(train / "n2")
     elif case == "no_classes":
         train.mkdir()
         (train / "loose.JPEG").write_bytes(image_bytes(0))

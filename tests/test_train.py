@@ -112,6 +112,26 @@ def test_config_overrides_and_errors(tiny_data, tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+def test_scientific_notation_and_cpu_only_settings():
+    assert load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-5"]).optim.lr == 0.001
+    from pipeline.trainer import make_accelerator
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+            make_accelerator(load_config(None, ["train.mixed_precision=fp16"]))
+
+
+def test_resume_with_another_batch_layout_is_refused(tiny_data, tmp_path):
+    common = [sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}",
+              "name=layout", "train.max_steps=2"]
+    first = subprocess.run(common, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(common + ["data.batch_size=2"], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2
+    assert "step-00000002 was written with another batch layout or schedule (batch_size: 4 -> 2" in second.stderr
+
+
 def test_every_recipe_loads():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
