@@ -159,12 +159,14 @@ class TrainStream(IterableDataset):
             return augment.decode_center_crop(data, self.image_size, self.image_size)
         if self.crop is None:
             image = augment.decode_center_crop(data, self.image_size, self.eval_resize)
-        else:
-            image = augment.decode_random_crop(data, self.image_size, self.crop, random.Random(seed))
-        if self.photometric is not None:
+            if self.photometric is None:
+                return image
             distorted = augment.photometric_distort(image, self.photometric, torch.Generator().manual_seed(seed))
-            image = distorted.mul_(255).round_().to(torch.uint8)
-        return image
+            return distorted.mul_(255).round_().to(torch.uint8)
+        if self.photometric is not None:
+            return augment.decode_random_crop_distorted(data, self.image_size, self.crop, random.Random(seed),
+                                                        self.photometric, torch.Generator().manual_seed(seed))
+        return augment.decode_random_crop(data, self.image_size, self.crop, random.Random(seed))
 
     def __iter__(self):
         worker, num_workers = _worker()
