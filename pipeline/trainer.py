@@ -25,11 +25,16 @@ from .config import Config, ConfigError, dump
 from .data import EvalStream, PreparedData, TrainStream, eval_resize_for, make_loader, mix_seed, open_prepared
 from .metrics import Tally
 from .models import build_model, forward_with_aux
+from .preemption import PreemptionWatch
 from .schedule import build_scheduler
 
 
 class LaunchError(RuntimeError):
     """The processes did not form the group the launcher asked for."""
+
+
+class Preempted(Exception):
+    """The job was told to stop; a checkpoint of the current step has been written."""
 
 
 def make_accelerator(config: Config) -> Accelerator:
@@ -124,6 +129,7 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", acc, c.train.keep_checkpoints)
         self.progress = Progress()
+        self.preemption = PreemptionWatch().install()
 
         a = c.data.augment
         crop = augment.CropSpec(tuple(a.crop_area), tuple(a.crop_ratio), tuple(a.interpolations), a.flip) if a.crop else None
@@ -263,9 +269,17 @@ class Trainer:
         )
         last_record: dict = {}
         self.model.train()
-        while self.progress.step < self.total_updates:
-            epoch = self.progress.step // self.updates_per_epoch
-            last_record = self._train_epoch(epoch, tracker) or last_record
+        try:
+            while self.progress.step < self.total_updates:
+                epoch = self.progress.step // self.updates_per_epoch
+                last_record = self._train_epoch(epoch, tracker) or last_record
+                if self.progress.step < self.total_updates and self.preemption.should_stop(acc):
+                    raise Preempted()  # _end_epoch has just written the checkpoint
+        except Preempted:
+            outcome = self.preemption.requeue() if acc.is_main_process else ""
+            self.log(f"stopped at step {self.progress.step} on request, checkpoint written; {outcome}")
+            acc.end_training()
+            return {"preempted_at_step": self.progress.step}
         self._sync_buffers()
         self._check_replicas()
         self.log(f"done. TensorBoard: tensorboard --logdir {self.run_dir / tracking.TRACKER_DIR}")
@@ -339,8 +353,15 @@ class Trainer:
                 self._log_window(window, window_tally, tracker, bar)
                 window_tally, window = Tally(), _Window()
             every = c.train.checkpoint_every_steps
-            if every and self.progress.step % every == 0 and update != self.updates_per_epoch - 1:
+            saved = every and self.progress.step % every == 0 and update != self.updates_per_epoch - 1
+            if saved:
                 self._save()
+            last_of_epoch = update == end_update - 1  # then _end_epoch evaluates and saves first
+            if not last_of_epoch and self.preemption.should_stop(acc):  # same answer on every rank
+                bar.close()
+                if not saved:
+                    self._save()
+                raise Preempted()
         bar.close()
         epoch_done = end_update == self.updates_per_epoch  # else the run ends mid-epoch (max_steps)
         return self._end_epoch(epoch, epoch_tally, epoch_images / (time.perf_counter() - epoch_start), epoch_done)

@@ -35,6 +35,13 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
   apt_install python3-venv
 fi
 
+if [ "$extras" = "test" ]; then
+  # The SLURM tests start a real two-node cluster on this host: Debian's slurm-wlm and munge.
+  if command -v apt-get >/dev/null 2>&1; then
+    apt_install slurm-wlm munge || echo "setup: could not install slurm-wlm and munge; the SLURM tests will be skipped" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi

@@ -1,0 +1,133 @@
+"""SLURM, for real: a two-node cluster started on this host (see slurm_cluster.py), jobs
+submitted through the project's own helper and batch scripts with the real ``sbatch``."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, subprocess_env
+from slurm_cluster import SlurmCluster, missing_binaries
+from test_train import TINY, final_weights, metrics, scalars
+
+
+# The same job for the uninterrupted and the preempted run: 2 nodes x 1 CPU process (gloo).
+JOB = [*TINY, "schedule.epochs=3", "data.workers=1", "ema.enabled=true", "train.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if missing_binaries():
+        pytest.skip(f"SLURM binaries missing: {missing_binaries()} (bash scripts/setup.sh --test installs them)")
+    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield slurm
+    slurm.stop()
+
+
+def submit(cluster: SlurmCluster, *args: str) -> tuple[str, str]:
+    env = {**subprocess_env(), **cluster.env}
+    result = subprocess.run([sys.executable, "-m", "pipeline.slurm", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return re.search(r"submitted job (\d+)", result.stdout).group(1), result.stdout
+
+
+def train_job(cluster, tiny_data, out: Path, name: str) -> tuple[str, Path]:
+    job, printed = submit(cluster, "submit", "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "1",
+                          "--time", "00:20:00", *JOB, f"data.dir={tiny_data}", f"output_dir={out}", f"name={name}")
+    run_dir = out / name
+    assert f"log: {run_dir}/slurm-{job}.out" in printed and f"tensorboard --logdir {run_dir}/tensorboard" in printed
+    return job, run_dir
+
+
+def test_dry_run_renders_the_batch_script_with_quoted_arguments(tmp_path):
+    odd = tmp_path / "it's a dir"
+    result = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--nodes", "3", "--gpus-per-node", "8",
+                             "--partition", "gpu", "--time", "1-00:00:00", "--account", "lab", "--dry-run",
+                             f"output_dir={odd}", "optim.lr=0.1"], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in ["#SBATCH --nodes=3", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --partition=gpu", "#SBATCH --time=1-00:00:00",
+                 "#SBATCH --account=lab", "export GOOGLENET_PROCS_PER_NODE=8"]:
+        assert line in script, line
+    assert "(sbatch argument) --output=" in script  # a path with a quote: passed on sbatch's command line
+    assert """'output_dir=""" in script and "optim.lr=0.1" in script
+    assert '--machine_rank "$SLURM_NODEID"' in script  # expanded per task, inside srun
+    bad = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--dry-run", "optim.lrr=1"], cwd=ROOT,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr
+
+
+def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "slurm runs 'quoted'"  # spaces and quotes survive
+    job, run_dir = train_job(cluster, tiny_data, out, "straight")
+    state = cluster.wait_for(job, timeout=300)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "2 nodes x 1 processes" in log and "2 processes on cpu" in log
+    assert "parameters identical on all 2 processes" in log
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [12, 24, 36] and all(r["val_samples"] == 16 for r in records)
+    tags = scalars(run_dir)
+    assert [s for s, _ in tags["val/top1_error"]] == [12, 24, 36] and "val/top5_error" in tags
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(cluster, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "slurm runs 'quoted'"
+    straight = out / "straight"
+    if not (straight / "metrics.jsonl").is_file():
+        pytest.skip("needs the uninterrupted run of test_two_node_training_job")
+    job, run_dir = train_job(cluster, tiny_data, out, "preempted")
+    tensorboard = run_dir / "tensorboard"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():  # into epoch 2
+        time.sleep(0.2)
+    time.sleep(1.0)
+    signalled_at = time.time()
+    cluster.run("scancel", "--signal=USR2", job)  # what --signal=USR2@120 sends before the time limit
+    state = cluster.wait_for(job, timeout=300)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "checkpoint written; job " + job + " requeued" in log
+    assert "start 2:" in log and "resumed from" in log
+    stopped = int(log.split("stopped at step ")[1].split()[0])
+    assert 12 < stopped < 36
+    resumed = final_weights(run_dir)
+    reference = final_weights(straight)
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [s for s, _ in scalars(run_dir)["train/loss"]] == list(range(1, 37))  # no step lost or twice
+    assert [r["step"] for r in metrics(run_dir)] == [12, 24, 36]
+    print(f"preemption: signal to job end {time.time() - signalled_at:.0f}s", file=sys.stderr)
+    assert tensorboard.is_dir()
+
+
+def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
+    from imagefiles import class_folders
+
+    class_folders(tmp_path / "train", {"a": 7, "b": 6, "c": 5})
+    class_folders(tmp_path / "val", {"a": 2, "b": 2, "c": 2})
+    common = ["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--shard-size", "3"]
+    single = subprocess.run([sys.executable, "-m", "data_prep", "shards", *common, "--out", str(tmp_path / "single")],
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    env = {**subprocess_env(), **cluster.env}
+    result = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit-prep", "--tasks", "3", "--",
+                             *common, "--out", str(tmp_path / "array"), "--workers", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    array_job, finalize_job = re.search(r"submitted array job (\d+) .* finalize job (\d+)", result.stdout).groups()
+    assert cluster.wait_for(finalize_job, timeout=300) == "COMPLETED", result.stdout
+    logs = sorted((tmp_path / "array-logs").glob("prep-*.out"))
+    assert len(logs) == 3 and all(f"_{i}.out" in logs[i].name for i in range(3))
+    assert (tmp_path / "array" / "manifest.json").read_bytes() == (tmp_path / "single" / "manifest.json").read_bytes()
+    assert json.loads((tmp_path / "array" / "manifest.json").read_text())["totals"]["written"] == 24
+    assert array_job != finalize_job
