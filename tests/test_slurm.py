@@ -30,6 +30,14 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
+def events(run_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator.Scalars(tag)
+
+
 def submit(cluster: SlurmCluster, *args: str) -> tuple[str, str]:
     env = {**subprocess_env(), **cluster.env}
     result = subprocess.run([sys.executable, "-m", "pipeline.slurm", *args], cwd=ROOT, env=env,
@@ -68,6 +76,7 @@ def test_dry_run_renders_the_batch_script_with_quoted_arguments(tmp_path):
 
 def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "slurm runs 'quoted'"  # spaces and quotes survive
+    submitted_at = time.time()
     job, run_dir = train_job(cluster, tiny_data, out, "straight")
     state = cluster.wait_for(job, timeout=300)
     log = (run_dir / f"slurm-{job}.out").read_text()
@@ -78,6 +87,8 @@ def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
     assert [r["step"] for r in records] == [12, 24, 36] and all(r["val_samples"] == 16 for r in records)
     tags = scalars(run_dir)
     assert [s for s, _ in tags["val/top1_error"]] == [12, 24, 36] and "val/top5_error" in tags
+    first_step = min(e.wall_time for e in events(run_dir, "train/loss"))
+    print(f"\nSLURM figure: submission to first training step {first_step - submitted_at:.1f}s", file=sys.stderr)
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(cluster, tiny_data, tmp_path_factory):
@@ -106,7 +117,8 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
         torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
     assert [s for s, _ in scalars(run_dir)["train/loss"]] == list(range(1, 37))  # no step lost or twice
     assert [r["step"] for r in metrics(run_dir)] == [12, 24, 36]
-    print(f"preemption: signal to job end {time.time() - signalled_at:.0f}s", file=sys.stderr)
+    resumed_at = min(e.wall_time for e in events(run_dir, "train/loss") if e.step == stopped + 1)
+    print(f"\nSLURM figure: preemption, signal to resumed training {resumed_at - signalled_at:.1f}s", file=sys.stderr)
     assert tensorboard.is_dir()
 
 
