@@ -101,7 +101,7 @@ def submit_preparation(args) -> int:
                f"--output={logs}/prep-%A_%a.out", *_scheduling(args)]
     env = {"GOOGLENET_REPO": str(REPO), "GOOGLENET_PYTHON": sys.executable}
     script = render(REPO / "slurm" / "prep.sbatch", options, prep_args, env)
-    finalize = (f"#!/bin/bash\n#SBATCH --job-name=googlenet-prep-finalize\n"
+    finalize = ("#!/bin/bash\n#SBATCH --job-name=googlenet-prep-finalize\n"
                 + "".join(f"#SBATCH {o}\n" for o in _scheduling(args) if not o.startswith("--cpus"))
                 + f"exec {shlex.quote(sys.executable)} -m data_prep finalize {shlex.quote(str(out))}\n")
     if args.dry_run:
