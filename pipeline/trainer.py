@@ -254,11 +254,13 @@ class Trainer:
     # ----------------------------------------------------------------------------- training
     def train(self) -> dict:
         acc, c = self.accelerator, self.config
+        started = time.perf_counter()
         if acc.is_main_process:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump(c))
         acc.wait_for_everyone()
-        self._resume()
+        self._resume()  # before config.yaml is rewritten: a refused resume keeps the original
+        if acc.is_main_process:
+            (self.run_dir / "config.yaml").write_text(dump(c))
         tracking.start_tracking(acc, self.run_dir, self.progress.step, dump(c))
         tracker = acc.get_tracker("tensorboard") if acc.is_main_process else None
         self.log(
@@ -282,7 +284,10 @@ class Trainer:
             return {"preempted_at_step": self.progress.step}
         self._sync_buffers()
         self._check_replicas()
-        self.log(f"done. TensorBoard: tensorboard --logdir {self.run_dir / tracking.TRACKER_DIR}")
+        result = (f", validation top-1/top-5 error {last_record['val_top1_error']:.3f}/{last_record['val_top5_error']:.3f}"
+                  if "val_top1_error" in last_record else "")
+        self.log(f"done in {time.perf_counter() - started:.0f}s{result}. "
+                 f"TensorBoard: tensorboard --logdir {self.run_dir / tracking.TRACKER_DIR}")
         acc.end_training()
         return last_record
 

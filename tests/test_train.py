@@ -130,6 +130,7 @@ def test_resume_with_another_batch_layout_is_refused(tiny_data, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 2
     assert "step-00000002 was written with another batch layout or schedule (batch_size: 4 -> 2" in second.stderr
+    assert load_config(tmp_path / "layout" / "config.yaml").data.batch_size == 4  # the original stays
 
 
 def test_every_recipe_loads():
@@ -144,6 +145,7 @@ def test_two_processes_train_together_and_log_to_tensorboard(tiny_data, tmp_path
     assert "2 processes on cpu" in result.stderr
     assert "parameters identical on all 2 processes" in result.stderr
     assert "Traceback" not in result.stderr
+    assert "validation top-1/top-5 error" in result.stderr.split("done in ")[1]
     records = metrics(run_dir)
     assert [r["epoch"] for r in records] == [1, 2]
     updates_per_epoch = 96 // (4 * 2)
