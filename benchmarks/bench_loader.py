@@ -1,19 +1,24 @@
-"""Training-loader throughput: this project's WebDataset path against torchvision's
-ImageFolder + PIL pipeline, with the same augmentation, images, batch size and workers, in
-one run.
+"""Training-loader throughput: this project's WebDataset path and its FFCV path against
+torchvision's ImageFolder + PIL pipeline, on the same images, batch size and worker count,
+in one run.
 
     python benchmarks/bench_loader.py --src DIR [--replicate N] [--size 224] [--workers 2] [--batches 40]
+                                      [--photometric] [--no-ffcv]
 
-Both sides do the paper's crop (area 8-100%, aspect 3/4-4/3), flip and photometric
-distortion (brightness, contrast, saturation 0.5-1.5) and normalise, ending with a float
-batch ready for the model:
-- reference: ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
-  ``ColorJitter`` + ``ToTensor`` + ``Normalize`` per image in the loader workers;
-- pipeline: shards prepared from the same files (outside the timing), ``TrainStream`` workers
-  decode (at reduced JPEG scale when possible) and crop into uint8; the photometric distortion
-  runs where the trainer runs it: batched on the GPU (``--device cuda``), or per image in the
-  loader workers on a CPU-only machine; normalisation in the main process.
-Prints images/s for each and the ratio, best of ``--repeats`` passes each.
+Every contestant does the paper's crop (area 8-100%, aspect 3/4-4/3) and flip and ends with
+a normalised float batch on the device (``--device``):
+- reference: ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor``
+  + ``Normalize`` per image in DataLoader worker processes;
+- WebDataset: shards prepared from the same files (outside the timing); ``TrainStream``
+  worker processes decode (at reduced JPEG scale when possible) and crop into uint8;
+- FFCV: ``data_prep ffcv`` files from the same files with FFCV's ImageNet settings (512 px,
+  half JPEG quality 90, half raw pixels), read by FFCV's ``Loader`` (its worker threads) with
+  ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip``, as the trainer does.
+With ``--photometric``, brightness/contrast/saturation 0.5-1.5 are added where each path does
+them: ``ColorJitter`` per image for the reference; for WebDataset and FFCV where the trainer
+does (batched on the GPU; on a CPU-only machine per image in the WebDataset workers and
+batched in the main process for FFCV). Prints images/s for each, best of ``--repeats``
+passes, and the ratios to the reference and to FFCV.
 """
 from __future__ import annotations
 
@@ -36,17 +41,28 @@ from data_prep.writer import run as prepare  # noqa: E402
 from pipeline.data import TrainStream, make_loader, open_prepared  # noqa: E402
 
 
-def reference_loader(folder: Path, size: int, batch_size: int, workers: int) -> DataLoader:
+def reference_loader(folder: Path, size: int, batch_size: int, workers: int, photometric: bool) -> DataLoader:
     transform = transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
         transforms.RandomHorizontalFlip(),
-        transforms.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5),
+        *([transforms.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5)] if photometric else []),
         transforms.ToTensor(),
         transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD),
     ])
     dataset = datasets.ImageFolder(str(folder), transform=transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def ffcv_loader(beton: Path, size: int, batch_size: int, workers: int):
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    image = [RandomResizedCropRGBImageDecoder((size, size), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+             RandomHorizontalFlip(), ToTensor(), ToTorchImage()]
+    return Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
+                  drop_last=True, pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
 
 
 def timed(batches, count: int, finish) -> float:
@@ -70,6 +86,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--photometric", action="store_true", help="add brightness/contrast/saturation")
+    parser.add_argument("--no-ffcv", action="store_true", help="leave FFCV out (when it is not installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -77,46 +95,67 @@ def main() -> None:
     try:
         files = stage(args.src, args.replicate, work / "images")
         images = str(work / "images")  # validation = training images: only the training loader is timed
-        prepare(PrepParams(train=images, val=images, shard_size=256), work / "shards", workers=args.workers)
+        sources = PrepParams(train=images, val=images, shard_size=256)
+        prepare(sources, work / "shards", workers=args.workers)
         data = open_prepared(work / "shards")
+        if not args.no_ffcv:
+            from data_prep import ffcv_writer
+
+            ffcv_writer.run(work / "ffcv", ffcv_writer.FFCVParams(), args.workers, sources=sources)
         needed = (args.batches + 1) * args.batch_size
         if needed > len(files):
             raise SystemExit(f"{len(files)} images are fewer than {needed} needed: raise --replicate")
         device = torch.device(args.device)
-        photometric = augment.PhotometricSpec()
-
         on_gpu = device.type == "cuda"
+        spec = augment.PhotometricSpec()
 
-        def device_side(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(device, non_blocking=True)
-            x = augment.photometric_distort(x, photometric) if on_gpu else x.float().div_(255)
-            x = augment.normalize(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return x
+        def finish(batched_photometric: bool):
+            def device_side(x: torch.Tensor) -> torch.Tensor:
+                x = x.to(device, non_blocking=True)
+                x = augment.photometric_distort(x, spec) if batched_photometric else x.float().div_(255)
+                x = augment.normalize(x)
+                if on_gpu:
+                    torch.cuda.synchronize()
+                return x
+            return device_side
 
         def reference_side(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if on_gpu:
                 torch.cuda.synchronize()
             return x
 
+        in_workers = args.photometric and not on_gpu
         stream = TrainStream(data.train, batch_size=args.batch_size, batches_per_epoch=len(files) // args.batch_size,
                              rank=0, world_size=1, seed=0, image_size=args.size, crop=augment.CropSpec(), baked=False,
                              shuffle_buffer=1000, eval_resize=round(args.size * 256 / 224),
-                             photometric=None if on_gpu else photometric)
-        results = {"reference": 0.0, "pipeline": 0.0}
+                             photometric=spec if in_workers else None)
+        contestants = {
+            "torchvision ImageFolder + PIL": (
+                lambda: reference_loader(work / "images", args.size, args.batch_size, args.workers, args.photometric),
+                reference_side),
+            "WebDataset shards (this project)": (
+                lambda: make_loader(stream, args.workers, pin_memory=on_gpu),
+                finish(args.photometric and on_gpu)),
+        }
+        if not args.no_ffcv:
+            ffcv = ffcv_loader(work / "ffcv" / "train.beton", args.size, args.batch_size, args.workers)
+            contestants["FFCV (this project's FFCV path)"] = (lambda: ffcv, finish(args.photometric))
+        results = dict.fromkeys(contestants, 0.0)
         for repeat in range(args.repeats):
-            ref = reference_loader(work / "images", args.size, args.batch_size, args.workers)
-            results["reference"] = max(results["reference"], timed(ref, args.batches, reference_side))
             stream.set_epoch(repeat)
-            ours = make_loader(stream, args.workers, pin_memory=device.type == "cuda")
-            results["pipeline"] = max(results["pipeline"], timed(ours, args.batches, device_side))
+            for name, (make, side) in contestants.items():
+                results[name] = max(results[name], timed(make(), args.batches, side))
+        photometric = "off"
+        if args.photometric:
+            photometric = "batched on the GPU" if on_gpu else "per image in workers (FFCV: batched, main process)"
         print(f"{len(files)} images from {args.src} (x{args.replicate}), {args.size}px crops, batch {args.batch_size}, "
-              f"{args.workers} workers, photometric {'batched on the GPU' if on_gpu else 'in the loader workers'}")
-        print(f"{'torchvision ImageFolder + PIL':34s} {results['reference']:8.0f} img/s   1.00x")
-        print(f"{'WebDataset shards (this project)':34s} {results['pipeline']:8.0f} img/s   "
-              f"{results['pipeline'] / results['reference']:.2f}x")
+              f"{args.workers} workers, photometric {photometric}, device {device.type}")
+        reference = results["torchvision ImageFolder + PIL"]
+        ffcv_rate = results.get("FFCV (this project's FFCV path)")
+        for name, rate in results.items():
+            versus_ffcv = f"   {rate / ffcv_rate:.2f}x FFCV" if ffcv_rate else ""
+            print(f"{name:34s} {rate:8.0f} img/s   {rate / reference:.2f}x reference{versus_ffcv}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

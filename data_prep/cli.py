@@ -1,4 +1,4 @@
-"""``python -m data_prep``: synthetic | demo | shards | finalize | verify."""
+"""``python -m data_prep``: synthetic | demo | shards | ffcv | finalize | verify."""
 from __future__ import annotations
 
 import argparse
@@ -47,15 +47,55 @@ def _add_shards(subparsers) -> None:
     p.set_defaults(func=_run_shards)
 
 
+def _add_ffcv(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ffcv",
+        help="write FFCV train.beton / val.beton and a manifest (needs the ffcv extra)",
+        description="Write FFCV files from the same sources as 'shards' (same global shuffle, same "
+        "bad-input handling) or from existing shards, plus DIR/manifest.json. Re-running resumes.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train", help="class folders, or ILSVRC2012_img_train.tar")
+    source.add_argument("--from-shards", type=Path, help="a directory written by 'shards'")
+    p.add_argument("--val", help="class folders, flat files, or ILSVRC2012_img_val.tar")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--val-labels", help="LOC_val_solution.csv or a 'filename wnid' text file")
+    labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
+    p.add_argument("--class-names", help="'id name' lines (LOC_synset_mapping.txt) for the manifest")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--max-resolution", type=_positive, default=512, help="longer side at most N px (default 512)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--compress-probability", type=float, default=0.5,
+                   help="share of images stored as JPEG, the rest as raw pixels (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global training shuffle")
+    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
+    p.set_defaults(func=_run_ffcv)
+
+
+def _source_paths(args) -> dict:
+    """The source options of 'shards' and 'ffcv' as absolute paths (array tasks may run elsewhere)."""
+    names = ("train", "val", "val_labels", "devkit", "class_names")
+    return {n: str(Path(getattr(args, n)).absolute()) if getattr(args, n) else None for n in names}
+
+
+def _run_ffcv(args) -> int:
+    from .ffcv_writer import FFCVParams, run
+
+    if args.from_shards and (args.val or args.val_labels or args.devkit or args.class_names):
+        raise ValueError("--from-shards takes everything from the shards; drop --val/--val-labels/--devkit/--class-names")
+    sources = None
+    if args.train:
+        sources = PrepParams(**_source_paths(args), seed=args.seed)
+    params = FFCVParams(args.max_resolution, args.quality, args.compress_probability, args.seed)
+    run(args.out, params, args.workers, sources=sources, from_shards=args.from_shards)
+    return 0
+
+
 def _run_shards(args) -> int:
     from .writer import run
 
     params = PrepParams(
-        train=str(Path(args.train).absolute()),
-        val=str(Path(args.val).absolute()) if args.val else None,
-        val_labels=str(Path(args.val_labels).absolute()) if args.val_labels else None,
-        devkit=str(Path(args.devkit).absolute()) if args.devkit else None,
-        class_names=str(Path(args.class_names).absolute()) if args.class_names else None,
+        **_source_paths(args),
         shard_size=args.shard_size,
         shard_bytes=args.shard_bytes,
         resize_shorter=args.resize_shorter,
@@ -74,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_cli(subparsers)
     demo.add_cli(subparsers)
     _add_shards(subparsers)
+    _add_ffcv(subparsers)
     p = subparsers.add_parser("finalize", help="merge the array tasks' records into manifest.json")
     p.add_argument("out", type=Path)
     p.set_defaults(func=lambda a: (finalize(a.out), 0)[1])
-    p = subparsers.add_parser("verify", help="re-read every shard and check it against the manifest")
+    p = subparsers.add_parser("verify", help="re-read every shard or FFCV file and check it against the manifest")
     p.add_argument("out", type=Path)
     p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)))
     p.set_defaults(func=lambda a: verify.main(a.out, a.workers))

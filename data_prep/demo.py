@@ -42,6 +42,18 @@ def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
     return shards
 
 
+def ensure_demo_ffcv(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
+    """The demo as FFCV files (``root/ffcv``), converted from the demo shards."""
+    from .ffcv_writer import FFCVParams, run
+
+    target = Path(root) / "ffcv"
+    if (target / MANIFEST).is_file():
+        return target
+    shards = ensure_demo(root, workers)
+    run(target, FFCVParams(), workers or len(os.sched_getaffinity(0)), from_shards=shards)
+    return target
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="generate the demo images and prepare them into shards")
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"default: {DEFAULT_ROOT}")

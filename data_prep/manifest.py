@@ -6,6 +6,7 @@ ids or worker counts), so an array job's manifest equals a single run's.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ MANIFEST = "manifest.json"
 PLAN_FILE = ".plan.json"
 PARTS_DIR = ".parts"
 FORMAT_VERSION = 1
+FORMATS = ("webdataset", "ffcv")  # shards (writer.py) or .beton files (ffcv_writer.py)
 
 
 class PrepError(RuntimeError):
@@ -36,14 +38,38 @@ def atomic_write_json(path: Path, data) -> None:
 def load_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise PrepError(f"{path}: no manifest (prepare the data with 'python -m data_prep shards')")
+        raise PrepError(f"{path}: no manifest (prepare the data with 'python -m data_prep shards' or 'ffcv')")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise PrepError(f"{path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != "webdataset" or manifest.get("version") != FORMAT_VERSION:
-        raise PrepError(f"{path}: not a version-{FORMAT_VERSION} webdataset manifest")
+    if manifest.get("format") not in FORMATS or manifest.get("version") != FORMAT_VERSION:
+        raise PrepError(f"{path}: not a version-{FORMAT_VERSION} manifest of {' or '.join(FORMATS)} files")
     return manifest
+
+
+def claim_output(out: Path, summary: dict) -> None:
+    """Create ``out`` and record the plan; refuse to mix with a different earlier preparation."""
+    plan_path = out / PLAN_FILE
+    if plan_path.is_file():
+        previous = json.loads(plan_path.read_text())
+        if previous != summary:
+            changed = [k for k in summary["parameters"] if previous["parameters"].get(k) != summary["parameters"][k]]
+            what = f"parameters differ: {', '.join(changed)}" if changed else "sources have changed"
+            raise PrepError(f"{out}: holds a preparation with a different plan ({what}); use another --out")
+    elif out.exists() and any(not p.name.startswith((PARTS_DIR, PLAN_FILE)) for p in out.iterdir()):
+        # (an array task that started a moment earlier may have made .parts and a .plan.json.tmp)
+        raise PrepError(f"{out}: exists and is not empty; use another --out")
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_path, summary)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _split_summary(records: list[dict], augment_copies: int) -> dict:

@@ -1,7 +1,6 @@
-"""``verify DIR``: re-read every shard and hold it against the manifest."""
+"""``verify DIR``: re-read every shard (or FFCV file) and hold it against the manifest."""
 from __future__ import annotations
 
-import hashlib
 import io
 import multiprocessing
 import sys
@@ -10,15 +9,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from .manifest import load_manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from .manifest import load_manifest, sha256_file
 
 
 def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
@@ -28,7 +19,7 @@ def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
     problems = []
     if path.stat().st_size != shard["bytes"]:
         problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-    if _sha256(path) != shard["sha256"]:
+    if sha256_file(path) != shard["sha256"]:
         problems.append(f"{path}: sha256 differs from the manifest")
     count = 0
     try:
@@ -59,10 +50,37 @@ def _verify_job(args) -> list[str]:
     return verify_shard(*args)
 
 
+def verify_beton(directory: Path, split: str, info: dict, num_classes: int) -> list[str]:
+    """An FFCV file: size, sha256, sample count, and every image decoded with a valid label."""
+    from .ffcv_writer import read_images
+
+    path = directory / info["file"]
+    if not path.is_file():
+        return [f"{path}: missing"]
+    problems = []
+    if path.stat().st_size != info["bytes"]:
+        problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {info['bytes']}")
+    if sha256_file(path) != info["sha256"]:
+        problems.append(f"{path}: sha256 differs from the manifest")
+        return problems  # the tables inside may be garbage: do not parse them
+    count = 0
+    for index, pixels, label in read_images(path):
+        count += 1
+        if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 1:
+            problems.append(f"{path}: sample {index} has shape {pixels.shape}")
+        if not 0 <= label < num_classes:
+            problems.append(f"{path}: sample {index} has label {label}, outside 0..{num_classes - 1}")
+    if count != info["samples"]:
+        problems.append(f"{path}: {count} samples, manifest says {info['samples']} ({split})")
+    return problems
+
+
 def verify(directory: Path, workers: int = 1) -> list[str]:
     directory = Path(directory)
     manifest = load_manifest(directory)
     num_classes = len(manifest["classes"])
+    if manifest["format"] == "ffcv":
+        return [p for split, info in manifest["splits"].items() for p in verify_beton(directory, split, info, num_classes)]
     jobs = [(directory, s, num_classes) for info in manifest["splits"].values() for s in info["shards"]]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -79,11 +97,14 @@ def verify(directory: Path, workers: int = 1) -> list[str]:
 def main(directory: Path, workers: int = 1) -> int:
     problems = verify(directory, workers)
     manifest = load_manifest(directory)
-    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
         print(f"verify: {len(problems)} problems in {directory}", file=sys.stderr)
         return 1
-    print(f"verify: {shards} shards, {manifest['totals']['samples']} samples OK in {directory}")
+    if manifest["format"] == "ffcv":
+        files = f"{len(manifest['splits'])} FFCV files"
+    else:
+        files = f"{sum(len(s['shards']) for s in manifest['splits'].values())} shards"
+    print(f"verify: {files}, {manifest['totals']['samples']} samples OK in {directory}")
     return 0

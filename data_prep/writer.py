@@ -23,8 +23,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import encode
-from .manifest import PARTS_DIR, PLAN_FILE, PrepError, atomic_write_json, finalize
-from .plan import Item, Plan, PrepParams, ShardPlan, make_plan
+from .manifest import PARTS_DIR, PrepError, atomic_write_json, claim_output, finalize
+from .plan import Item, PrepParams, ShardPlan, make_plan
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -150,29 +150,12 @@ def _write_shard_job(args) -> dict:
     return write_shard(*args)
 
 
-def _claim_output(out: Path, plan: Plan) -> None:
-    """Create ``out`` and record the plan; refuse to mix with a different earlier preparation."""
-    summary = plan.summary()
-    plan_path = out / PLAN_FILE
-    if plan_path.is_file():
-        previous = json.loads(plan_path.read_text())
-        if previous != summary:
-            changed = [k for k in summary["parameters"] if previous["parameters"].get(k) != summary["parameters"][k]]
-            what = f"parameters differ: {', '.join(changed)}" if changed else "sources have changed"
-            raise PrepError(f"{out}: holds a preparation with a different plan ({what}); use another --out")
-    elif out.exists() and any(not p.name.startswith((PARTS_DIR, PLAN_FILE)) for p in out.iterdir()):
-        # (an array task that started a moment earlier may have made .parts and a .plan.json.tmp)
-        raise PrepError(f"{out}: exists and is not empty; use another --out")
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan_path, summary)
-
-
 def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, task_id: int = 0) -> dict | None:
     """Write this task's shards; with a single task, also finalize and return the manifest."""
     if not 0 <= task_id < num_tasks:
         raise PrepError(f"--task-id {task_id} is outside 0..{num_tasks - 1}")
     plan = make_plan(params)  # every source problem surfaces here, before anything is written
-    _claim_output(out, plan)
+    claim_output(out, plan.summary())
     mine = [s for i, s in enumerate(plan.shards) if i % num_tasks == task_id]
     pending = [s for s in mine if not is_complete(out, s)]
     images = sum(len(s.items) for s in pending)

@@ -30,6 +30,7 @@ class ModelConfig:
     dropout: float | None = None  # None: the model's default (0.4 for the paper's GoogLeNet)
     channels_last: bool = False
     compile: bool = False
+    weights: str | None = None  # a torchvision GoogLeNet state-dict file on disk to start googlenet_bn from
 
 
 @dataclass
@@ -48,7 +49,8 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "webdataset"
+    format: str = "webdataset"  # or ffcv (.beton files from 'python -m data_prep ffcv'; needs the ffcv extra)
+    ffcv_os_cache: bool = True  # FFCV: read through the page cache (false: FFCV's own process cache)
     dir: str | None = None  # prepared shards (with manifest.json); null: the demo data
     demo_root: str = "demo_data"  # where the demo data is prepared on first use
     image_size: int = 224
@@ -223,7 +225,8 @@ def validate(c: Config) -> None:
     _check(c.name and "/" not in c.name, "name", c.name, "a non-empty directory name")
     _check(c.model.aux_weight >= 0, "model.aux_weight", c.model.aux_weight, ">= 0")
     _check(c.model.dropout is None or 0 <= c.model.dropout < 1, "model.dropout", c.model.dropout, "[0, 1)")
-    _check(c.data.format == "webdataset", "data.format", c.data.format, "webdataset")
+    _check(c.model.weights is None or c.model.weights.strip() != "", "model.weights", c.model.weights, "null or a file path")
+    _check(c.data.format in ("webdataset", "ffcv"), "data.format", c.data.format, "webdataset or ffcv")
     _check(c.data.image_size >= 16, "data.image_size", c.data.image_size, ">= 16")
     _check(c.data.eval_resize is None or c.data.eval_resize >= c.data.image_size,
            "data.eval_resize", c.data.eval_resize, ">= data.image_size")

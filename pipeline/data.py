@@ -52,6 +52,7 @@ class PreparedData:
     val: list[Shard]
     augment_copies: int
     augment_size: int
+    format: str = "webdataset"  # or "ffcv": then train and val are one .beton file each
 
     @property
     def num_classes(self) -> int:
@@ -67,24 +68,25 @@ class PreparedData:
 
 
 def open_prepared(directory: str | Path) -> PreparedData:
-    """Read the manifest and check that every shard it names is there."""
+    """Read the manifest and check that every shard (or .beton file) it names is there."""
     directory = Path(directory)
     manifest = load_manifest(directory)
     splits = manifest["splits"]
     for split in ("train", "val"):
-        if split not in splits or not splits[split]["shards"]:
+        if split not in splits or not splits[split].get("shards", [splits[split].get("file")]):
             raise PrepError(f"{directory / 'manifest.json'}: no {split} shards (prepare them with --{split})")
-    shards = {}
+    files = {}
     for split in ("train", "val"):
-        shards[split] = []
-        for s in splits[split]["shards"]:
-            path = directory / s["name"]
+        listed = splits[split]["shards"] if manifest["format"] == "webdataset" else [splits[split]]
+        files[split] = []
+        for s in listed:
+            path = directory / s.get("name", s.get("file"))
             if not path.is_file():
-                raise PrepError(f"{path}: shard listed in the manifest is missing")
-            shards[split].append(Shard(str(path), s["samples"]))
+                raise PrepError(f"{path}: listed in the manifest but missing")
+            files[split].append(Shard(str(path), s["samples"]))
     params = manifest["parameters"]
-    return PreparedData(directory, manifest["classes"], shards["train"], shards["val"],
-                        params.get("augment_copies", 0), params.get("augment_size", 0))
+    return PreparedData(directory, manifest["classes"], files["train"], files["val"],
+                        params.get("augment_copies", 0), params.get("augment_size", 0), manifest["format"])
 
 
 def _worker() -> tuple[int, int]:
@@ -233,3 +235,17 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> Data
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers else None,
     )
+
+
+class WebDatasetInput:
+    """The trainer's view of the shards: training batches per epoch, validation batches."""
+
+    def __init__(self, train: TrainStream, val: EvalStream, workers: int, pin_memory: bool):
+        self.train, self.val, self.workers, self.pin_memory = train, val, workers, pin_memory
+
+    def train_batches(self, epoch: int, start_batch: int = 0):
+        self.train.set_epoch(epoch, start_batch)
+        return iter(make_loader(self.train, self.workers, self.pin_memory))
+
+    def val_batches(self):
+        return iter(make_loader(self.val, self.workers, self.pin_memory))

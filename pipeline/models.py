@@ -32,6 +32,7 @@ in eval mode or when the model has no auxiliary heads.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -46,6 +47,8 @@ __all__ = [
     "build_model",
     "count_parameters",
     "forward_with_aux",
+    "load_torchvision_weights",
+    "use_torchvision_input",
     "valid_model_names",
 ]
 
@@ -281,6 +284,53 @@ def build_model(name: str, num_classes: int, aux_logits: bool = True, dropout: f
         if "dropout" in kwargs and "dropout" in str(e):
             raise ValueError(f"model {name!r} has no dropout setting; leave dropout=None") from e
         raise
+
+
+def use_torchvision_input(model: nn.Module) -> None:
+    """Give a ``googlenet_bn`` model the input convention of torchvision's published GoogLeNet
+    weights: ``googlenet(weights=...)`` turns on ``transform_input``, which maps our
+    ImageNet-normalised input to the [-1, 1] scaling the ported weights expect. It is not part
+    of the state dict, so it is set again whenever a model that started from such weights is
+    rebuilt."""
+    if not isinstance(model, torchvision.models.GoogLeNet):
+        raise ValueError(f"only googlenet_bn (torchvision's GoogLeNet) takes torchvision GoogLeNet weights, "
+                         f"not {type(model).__name__}")
+    model.transform_input = True
+
+
+def load_torchvision_weights(model: nn.Module, path: str | Path) -> None:
+    """Start a ``googlenet_bn`` model from a torchvision GoogLeNet state-dict file on disk (such as
+    ``googlenet-1378be20.pth``, torchvision's IMAGENET1K_V1; nothing is downloaded), as
+    ``torchvision.models.googlenet(weights=...)`` would: the file's auxiliary heads (present in
+    torchvision's file but not trained) are loaded when the model has heads and dropped otherwise,
+    and ``transform_input`` is turned on (:func:`use_torchvision_input`). The file must have the
+    model's number of classes. ValueError naming the file for anything that does not fit."""
+    use_torchvision_input(model)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a PyTorch state-dict file ({exc})") from exc
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise ValueError(f"{path}: not a torchvision GoogLeNet state dict (no 'fc.weight')")
+    file_classes, classes = state["fc.weight"].shape[0], model.fc.out_features
+    if file_classes != classes:
+        raise ValueError(f"{path} has {file_classes} classes but the data has {classes}")
+    aux = ("aux1.", "aux2.")
+    has_aux = model.aux1 is not None
+    if not has_aux:
+        state = {k: v for k, v in state.items() if not k.startswith(aux)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path}: does not fit torchvision's GoogLeNet ({exc})") from exc
+    if has_aux:  # a file without heads: the model keeps its freshly initialised ones
+        missing = [k for k in missing if not k.startswith(aux)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not torchvision's GoogLeNet: {len(missing)} missing keys (first: {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
 
 
 def _aux_modules(model: nn.Module) -> list[nn.Module]:

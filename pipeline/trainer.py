@@ -22,10 +22,11 @@ from data_prep.manifest import PrepError
 from . import tracking
 from .checkpoint import CheckpointManager
 from .config import Config, ConfigError, dump
-from .data import EvalStream, PreparedData, TrainStream, eval_resize_for, make_loader, mix_seed, open_prepared
+from .data import EvalStream, PreparedData, TrainStream, WebDatasetInput, eval_resize_for, mix_seed, open_prepared
 from .metrics import Tally
-from .models import build_model, forward_with_aux
+from .models import build_model, forward_with_aux, load_torchvision_weights
 from .preemption import PreemptionWatch
+from .run_files import write_classes
 from .schedule import build_scheduler
 
 
@@ -111,6 +112,11 @@ class Trainer:
 
         torch.manual_seed(c.seed)  # identical initial weights on every process
         model = build_model(c.model.name, data.num_classes, c.model.aux_logits, c.model.dropout)
+        if c.model.weights:
+            try:
+                load_torchvision_weights(model, c.model.weights)
+            except ValueError as exc:
+                raise ConfigError(f"model.weights: {exc}") from exc
         if c.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(
@@ -137,21 +143,39 @@ class Trainer:
             *(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)), a.random_order, a.lighting_std
         )
         distort = not self.baked and (any((a.brightness, a.contrast, a.saturation)) or a.lighting_std > 0)
-        # Batched on the GPU; without one, per image in the loader workers, which run in parallel
-        # (the same code, hence the same distribution, either way).
-        in_workers = distort and acc.device.type == "cpu"
+        # Batched on the GPU; without one, per image in the WebDataset loader workers, which run
+        # in parallel (the same code, hence the same distribution, either way). FFCV's pipeline
+        # has no place for it, so there it is always batched in the training process.
+        in_workers = distort and acc.device.type == "cpu" and data.format == "webdataset"
         self.photometric_on = distort and not in_workers
+        self.input = self._make_input(crop, self.photometric if in_workers else None)
+
+    def _make_input(self, crop: augment.CropSpec | None, photometric: augment.PhotometricSpec | None):
+        c, acc, data = self.config, self.accelerator, self.data
         eval_resize = eval_resize_for(c.data.image_size, c.data.eval_resize)
-        self.train_stream = TrainStream(
+        eval_batch_size = c.data.eval_batch_size or 2 * self.batch_size
+        if data.format == "ffcv":
+            from .ffcv_data import FFCVInput
+
+            self.log("data.format ffcv: crops are resized with OpenCV's INTER_AREA; "
+                     "data.augment.interpolations does not apply (see README, FFCV)")
+            return FFCVInput(
+                data, batch_size=self.batch_size, eval_batch_size=eval_batch_size,
+                batches_per_epoch=self.batches_per_epoch, rank=acc.process_index, world_size=acc.num_processes,
+                seed=c.seed, workers=c.data.workers, image_size=c.data.image_size, eval_resize=eval_resize,
+                crop_area=crop.area if crop else None, crop_ratio=tuple(c.data.augment.crop_ratio),
+                flip=crop is not None and crop.flip, os_cache=c.data.ffcv_os_cache,
+            )
+        train = TrainStream(
             data.train, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch, rank=acc.process_index,
             world_size=acc.num_processes, seed=c.seed, image_size=c.data.image_size, crop=crop, baked=self.baked,
-            shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize,
-            photometric=self.photometric if in_workers else None,
+            shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric,
         )
-        self.eval_stream = EvalStream(
-            data.val, batch_size=c.data.eval_batch_size or 2 * self.batch_size, rank=acc.process_index,
+        val = EvalStream(
+            data.val, batch_size=eval_batch_size, rank=acc.process_index,
             world_size=acc.num_processes, image_size=c.data.image_size, resize=eval_resize,
         )
+        return WebDatasetInput(train, val, c.data.workers, acc.device.type == "cuda")
 
     # ----------------------------------------------------------------------------- helpers
     def _bare_model(self) -> torch.nn.Module:
@@ -200,7 +224,7 @@ class Trainer:
         for model in models:
             model.eval()
         tallies = [Tally() for _ in models]
-        for images, labels in make_loader(self.eval_stream, self.config.data.workers, acc.device.type == "cuda"):
+        for images, labels in self.input.val_batches():
             inputs = augment.normalize(images.to(acc.device, non_blocking=True).float().div_(255))
             if self.config.model.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -261,6 +285,7 @@ class Trainer:
         self._resume()  # before config.yaml is rewritten: a refused resume keeps the original
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(dump(c))
+            write_classes(self.run_dir, self.data.classes)  # for evaluation and prediction
         tracking.start_tracking(acc, self.run_dir, self.progress.step, dump(c))
         tracker = acc.get_tracker("tensorboard") if acc.is_main_process else None
         self.log(
@@ -307,8 +332,7 @@ class Trainer:
         acc, c = self.accelerator, self.config
         start_update = self.progress.step - epoch * self.updates_per_epoch
         end_update = min(self.updates_per_epoch, self.total_updates - epoch * self.updates_per_epoch)
-        self.train_stream.set_epoch(epoch, start_update * self.accum)
-        loader = iter(make_loader(self.train_stream, c.data.workers, acc.device.type == "cuda"))
+        loader = self.input.train_batches(epoch, start_update * self.accum)
         epoch_tally, window_tally = Tally(), Tally()
         window = _Window()
         epoch_start = time.perf_counter()
@@ -454,29 +478,38 @@ class _Window:
 
 
 def run(config: Config) -> dict:
+    if config.data.format == "ffcv":
+        from .ffcv_data import require_ffcv
+
+        require_ffcv()  # before any data is prepared or opened
     if config.data.dir is None:
-        directory = _prepare_demo_once(Path(config.data.demo_root))
+        directory = _prepare_demo_once(Path(config.data.demo_root), config.data.format)
     else:
         directory = Path(config.data.dir)
     try:
         data = open_prepared(directory)
     except PrepError as exc:
         raise ConfigError(f"data.dir: {exc}") from exc
+    if data.format != config.data.format:
+        raise ConfigError(
+            f"data.format: {config.data.format}, but {directory / 'manifest.json'} describes {data.format} files "
+            f"(set data.format={data.format}, or prepare them with 'python -m data_prep {'ffcv' if config.data.format == 'ffcv' else 'shards'}')"
+        )
     return Trainer(config, data).train()
 
 
-def _prepare_demo_once(root: Path) -> Path:
+def _prepare_demo_once(root: Path, data_format: str) -> Path:
     """The demo data, prepared by the first process while the others wait for it (the
     process group does not exist yet, so they watch for the manifest on the shared disk)."""
-    from data_prep.demo import ensure_demo
+    from data_prep.demo import ensure_demo, ensure_demo_ffcv
     from data_prep.manifest import MANIFEST
 
-    shards = root / "shards"
+    directory = root / ("ffcv" if data_format == "ffcv" else "shards")
     if int(os.environ.get("RANK", "0")) == 0:
-        return ensure_demo(root)
+        return ensure_demo_ffcv(root) if data_format == "ffcv" else ensure_demo(root)
     deadline = time.monotonic() + 1800
-    while not (shards / MANIFEST).is_file():
+    while not (directory / MANIFEST).is_file():
         if time.monotonic() > deadline:
-            raise PrepError(f"{shards}: rank 0 did not prepare the demo data within 30 minutes (shared disk?)")
+            raise PrepError(f"{directory}: rank 0 did not prepare the demo data within 30 minutes (shared disk?)")
         time.sleep(1)
-    return shards
+    return directory

@@ -2,17 +2,20 @@
 # Set up everything on a fresh Debian machine with Python 3.11: the Debian packages the
 # project needs (when run as root), a virtual environment in .venv, and the project itself.
 #   bash scripts/setup.sh            # the pipeline
-#   bash scripts/setup.sh --test     # the pipeline plus what the test suite needs
+#   bash scripts/setup.sh --ffcv     # the pipeline plus the optional FFCV storage format
+#   bash scripts/setup.sh --test     # the pipeline, FFCV, and what the test suite needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
+extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras="test" ;;
+    --test) extras+=(test ffcv) ;;
+    --ffcv) extras+=(ffcv) ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
+want() { [[ " ${extras[*]-} " == *" $1 "* ]]; }
 
 apt_install() {
   # Install only what is missing; needs root (or sudo) and Debian's apt.
@@ -35,7 +38,15 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
   apt_install python3-venv
 fi
 
-if [ "$extras" = "test" ]; then
+if want ffcv; then
+  # FFCV 1.0.2 is built from source against OpenCV and libjpeg-turbo.
+  if command -v apt-get >/dev/null 2>&1; then
+    apt_install pkg-config libopencv-dev libturbojpeg0-dev
+  else
+    echo "setup: FFCV needs pkg-config, OpenCV and libturbojpeg development files; install them first" >&2
+  fi
+fi
+if want test; then
   # The SLURM tests start a real two-node cluster on this host: Debian's slurm-wlm and munge.
   if command -v apt-get >/dev/null 2>&1; then
     apt_install slurm-wlm munge || echo "setup: could not install slurm-wlm and munge; the SLURM tests will be skipped" >&2
@@ -47,6 +58,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 spec="."
-[ -n "$extras" ] && spec=".[$extras]"
+if [ ${#extras[@]} -gt 0 ]; then
+  spec=".[$(IFS=,; echo "${extras[*]}")]"
+fi
 .venv/bin/python -m pip install -q -e "$spec"
 echo "setup: done (.venv)" >&2

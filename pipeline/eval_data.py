@@ -1,0 +1,60 @@
+"""Validation images for test-time evaluation: one image source, crop stacks made in the workers.
+
+Every (process, loader worker) slot takes its own contiguous range of the validation split (the
+trainer's ``_equal_ranges``), so each sample is seen exactly once; the evaluation all-reduces
+the counts and checks the total against the manifest.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from .crops import crop_stack
+from .data import PreparedData, _batches, _equal_ranges, _sample_range, _worker
+
+
+def val_images(data: PreparedData, start: int, stop: int) -> Iterator[tuple[str, Image.Image, int]]:
+    """(key, RGB image, label) for validation samples ``start``..``stop - 1``. The images are
+    opened but not yet decoded, so that the centre crop can decode a JPEG at reduced scale as
+    the trainer does."""
+    if data.format == "ffcv":  # the stored image (raw pixels or JPEG), read from the file's tables
+        from data_prep.ffcv_writer import read_images
+
+        for index, pixels, label in read_images(data.val[0].url, start, stop):
+            yield f"val.beton[{index}]", Image.fromarray(pixels), label
+        return
+    for key, encoded, label in _sample_range(data.val, start, stop):
+        try:
+            image = Image.open(io.BytesIO(encoded))
+            if image.mode != "RGB":  # prepared shards hold RGB JPEGs; anything else is decoded here
+                image = image.convert("RGB")
+        except Exception as exc:
+            raise RuntimeError(f"validation sample {key}: cannot decode ({exc})") from exc
+        yield key, image, label
+
+
+class CropStream(IterableDataset):
+    """Batches of (uint8 crops [images, 1 (+ crops), S, S, 3], labels [images]): the trainer's
+    centre crop of each image first, then its ``crops`` test-time crops when more than one."""
+
+    def __init__(self, data: PreparedData, *, crops: int, image_size: int, eval_resize: int,
+                 images_per_batch: int, rank: int, world_size: int):
+        self.data, self.crops, self.image_size, self.eval_resize = data, crops, image_size, eval_resize
+        self.images_per_batch, self.rank, self.world_size = images_per_batch, rank, world_size
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        slots = _equal_ranges(self.data.val_samples, self.world_size * num_workers)
+        start, stop = slots[self.rank * num_workers + worker]
+
+        def stacks():
+            for key, image, label in val_images(self.data, start, stop):
+                try:
+                    yield crop_stack(image, self.crops, self.image_size, self.eval_resize), label
+                except Exception as exc:
+                    raise RuntimeError(f"validation sample {key}: cannot crop ({exc})") from exc
+
+        yield from _batches(stacks(), self.images_per_batch)
