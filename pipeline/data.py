@@ -82,7 +82,8 @@ def open_prepared(directory: str | Path) -> PreparedData:
         for s in listed:
             path = directory / s.get("name", s.get("file"))
             if not path.is_file():
-                raise PrepError(f"{path}: listed in the manifest but missing")
+                what = "shard" if manifest["format"] == "webdataset" else "file"
+                raise PrepError(f"{path}: {what} listed in the manifest is missing")
             files[split].append(Shard(str(path), s["samples"]))
     params = manifest["parameters"]
     return PreparedData(directory, manifest["classes"], files["train"], files["val"],

@@ -223,7 +223,7 @@ def test_two_processes_train_from_ffcv_with_exact_validation(tiny_ffcv, tmp_path
 
 def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
     """The demo recipe, shortened to 10 epochs, from the same images as shards and as FFCV files:
-    both well below chance (90% top-1 error) and close to each other."""
+    both below chance (90% top-1, 50% top-5 error) and close to each other."""
     from data_prep.demo import ensure_demo_ffcv
 
     root = tmp_path / "demo_data"
@@ -235,7 +235,9 @@ def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
              f"output_dir={tmp_path}", f"name={data_format}", "schedule.epochs=10", "train.image_grid=false"],
             cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
         assert result.returncode == 0, result.stderr[-3000:]
-        errors[data_format] = metrics(tmp_path / data_format)[-1]["val_top1_error"]
-    print(f"demo, 10 epochs, validation top-1 error: {errors}")
-    assert errors["webdataset"] < 0.8 and errors["ffcv"] < 0.8, errors
-    assert abs(errors["webdataset"] - errors["ffcv"]) < 0.15, errors
+        last = metrics(tmp_path / data_format)[-1]
+        errors[data_format] = (last["val_top1_error"], last["val_top5_error"])
+    print(f"demo, 10 epochs, validation top-1/top-5 error: {errors}")
+    for top1, top5 in errors.values():  # chance: 0.9 / 0.5
+        assert top1 < 0.85 and top5 < 0.3, errors
+    assert abs(errors["webdataset"][0] - errors["ffcv"][0]) < 0.15, errors
