@@ -138,14 +138,14 @@ def _screen(sample: Sample) -> tuple[str | None, str | None]:
     return None, result.converted
 
 
-def screen(samples: list[Sample], workers: int, desc: str) -> tuple[list[Sample], list[dict], int]:
+def screen(samples: list[Sample], workers: int, split: str) -> tuple[list[Sample], list[dict], int]:
     kept, skipped, converted = [], [], 0
     with multiprocessing.get_context("fork").Pool(workers) as pool, \
-            tqdm(total=len(samples), unit="img", desc=desc, file=sys.stderr, disable=not samples) as bar:
+            tqdm(total=len(samples), unit="img", desc=f"screening {split}", file=sys.stderr, disable=not samples) as bar:
         for sample, (reason, conversion) in zip(samples, pool.imap(_screen, samples, chunksize=64)):
             bar.update()
             if reason is not None:
-                skipped.append({"split": desc.split()[-1], "name": sample.ref.name, "reason": reason})
+                skipped.append({"split": split, "name": sample.ref.name, "reason": reason})
             else:
                 kept.append(sample)
                 converted += conversion is not None
@@ -205,7 +205,7 @@ def _write_split(out: Path, split: str, samples: list[Sample], params: FFCVParam
     if screened:
         kept, skipped, converted = samples, [], 0
     else:
-        kept, skipped, converted = screen(samples, workers, f"screening {split}")
+        kept, skipped, converted = screen(samples, workers, split)
     if not kept:
         raise PrepError(f"{out}: no {split} image could be decoded ({len(skipped)} skipped)")
     beton = out / f"{split}.beton"
