@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(_recipe(args.config), args.overrides)
-        from .trainer import LaunchError, run
+        from .launch import LaunchError
+        from .trainer import run
 
         try:
             run(config)

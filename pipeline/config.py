@@ -59,6 +59,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # null: 2 x batch_size
     workers: int = 4  # loader processes per training process
     shuffle_buffer: int = 2000  # samples, on top of the global shuffle of the shards and shard order
+    interleave_shards: int = 4  # shards each loader worker reads at once, so that neighbours differ per epoch
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -235,6 +236,7 @@ def validate(c: Config) -> None:
            "data.eval_batch_size", c.data.eval_batch_size, ">= 1")
     _check(c.data.workers >= 0, "data.workers", c.data.workers, ">= 0")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
+    _check(c.data.interleave_shards >= 1, "data.interleave_shards", c.data.interleave_shards, ">= 1")
     a = c.data.augment
     _check_range(a.crop_area, "data.augment.crop_area", 1e-6, 1.0)
     _check_range(a.crop_ratio, "data.augment.crop_ratio", 1e-6)

@@ -90,7 +90,7 @@ def open_prepared(directory: str | Path) -> PreparedData:
                         params.get("augment_copies", 0), params.get("augment_size", 0), manifest["format"])
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
@@ -102,7 +102,7 @@ def _raw_samples(urls: list[str]):
         yield sample["__key__"], sample["jpg"], int(sample["cls"])
 
 
-def _sample_range(shards: list[Shard], start: int, stop: int):
+def sample_range(shards: list[Shard], start: int, stop: int):
     """Samples ``start``..``stop - 1`` of the concatenated shards, opening only those needed."""
     offset = 0
     for shard in shards:
@@ -116,13 +116,13 @@ def _sample_range(shards: list[Shard], start: int, stop: int):
         offset += shard.samples
 
 
-def _equal_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+def equal_ranges(total: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous ranges covering 0..total, sizes differing by at most one."""
     bounds = [total * i // parts for i in range(parts + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _batches(samples, batch_size: int):
+def stack_batches(samples, batch_size: int):
     images, labels = [], []
     for image, label in samples:
         images.append(image)
@@ -172,7 +172,7 @@ class TrainStream(IterableDataset):
         return augment.decode_random_crop(data, self.image_size, self.crop, random.Random(seed))
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         # The DataLoader takes workers in turn, starting with worker 0, so lane l (batches
         # l, l + n, ... of the epoch) must be served by the worker whose turn batch l is. After a
         # resume at start_batch the turns are rotated: worker w serves lane (w + start_batch) % n.
@@ -181,7 +181,7 @@ class TrainStream(IterableDataset):
         start = (self.rank * self.batches_per_epoch + sum(batches[:lane])) * self.batch_size
         wanted = batches[lane] * self.batch_size
         skip = len(range(lane, min(self.start_batch, self.batches_per_epoch), num_workers))
-        samples = _sample_range(self._epoch_order(), start, start + wanted)
+        samples = sample_range(self._epoch_order(), start, start + wanted)
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "buffer"))
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
@@ -196,7 +196,7 @@ class TrainStream(IterableDataset):
                 except Exception as exc:
                     raise RuntimeError(f"training sample {key}: cannot decode ({exc})") from exc
 
-        yield from _batches(decoded(), self.batch_size)
+        yield from stack_batches(decoded(), self.batch_size)
 
 
 class EvalStream(IterableDataset):
@@ -208,18 +208,18 @@ class EvalStream(IterableDataset):
         self.rank, self.world_size, self.image_size, self.resize = rank, world_size, image_size, resize
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, num_workers = worker_slot()
         total = sum(s.samples for s in self.shards)
-        start, stop = _equal_ranges(total, self.world_size * num_workers)[self.rank * num_workers + worker]
+        start, stop = equal_ranges(total, self.world_size * num_workers)[self.rank * num_workers + worker]
 
         def decoded():
-            for key, data, label in _sample_range(self.shards, start, stop):
+            for key, data, label in sample_range(self.shards, start, stop):
                 try:
                     yield augment.decode_center_crop(data, self.image_size, self.resize), label
                 except Exception as exc:
                     raise RuntimeError(f"validation sample {key}: cannot decode ({exc})") from exc
 
-        yield from _batches(decoded(), self.batch_size)
+        yield from stack_batches(decoded(), self.batch_size)
 
 
 def eval_resize_for(image_size: int, eval_resize: int | None) -> int:

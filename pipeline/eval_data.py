@@ -1,7 +1,7 @@
 """Validation images for test-time evaluation: one image source, crop stacks made in the workers.
 
 Every (process, loader worker) slot takes its own contiguous range of the validation split (the
-trainer's ``_equal_ranges``), so each sample is seen exactly once; the evaluation all-reduces
+trainer's ``equal_ranges``), so each sample is seen exactly once; the evaluation all-reduces
 the counts and checks the total against the manifest.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from .crops import crop_stack
-from .data import PreparedData, _batches, _equal_ranges, _sample_range, _worker
+from .data import PreparedData, stack_batches, equal_ranges, sample_range, worker_slot
 
 
 def val_images(data: PreparedData, start: int, stop: int) -> Iterator[tuple[str, Image.Image, int]]:
@@ -26,7 +26,7 @@ def val_images(data: PreparedData, start: int, stop: int) -> Iterator[tuple[str,
         for index, pixels, label in read_images(data.val[0].url, start, stop):
             yield f"val.beton[{index}]", Image.fromarray(pixels), label
         return
-    for key, encoded, label in _sample_range(data.val, start, stop):
+    for key, encoded, label in sample_range(data.val, start, stop):
         try:
             image = Image.open(io.BytesIO(encoded))
             if image.mode != "RGB":  # prepared shards hold RGB JPEGs; anything else is decoded here
@@ -46,8 +46,8 @@ class CropStream(IterableDataset):
         self.images_per_batch, self.rank, self.world_size = images_per_batch, rank, world_size
 
     def __iter__(self):
-        worker, num_workers = _worker()
-        slots = _equal_ranges(self.data.val_samples, self.world_size * num_workers)
+        worker, num_workers = worker_slot()
+        slots = equal_ranges(self.data.val_samples, self.world_size * num_workers)
         start, stop = slots[self.rank * num_workers + worker]
 
         def stacks():
@@ -57,4 +57,4 @@ class CropStream(IterableDataset):
                 except Exception as exc:
                     raise RuntimeError(f"validation sample {key}: cannot crop ({exc})") from exc
 
-        yield from _batches(stacks(), self.images_per_batch)
+        yield from stack_batches(stacks(), self.images_per_batch)

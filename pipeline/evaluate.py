@@ -28,7 +28,7 @@ from data_prep.manifest import PrepError
 
 from .config import ConfigError, load_config
 from .crops import CROP_COUNTS, network_input
-from .data import PreparedData, _equal_ranges, eval_resize_for, make_loader, open_prepared
+from .data import PreparedData, equal_ranges, eval_resize_for, make_loader, open_prepared
 from .eval_data import CropStream
 from .metrics import Tally
 from .models import forward_with_aux
@@ -103,7 +103,7 @@ def evaluate(models: list[LoadedModel], data: PreparedData, crops: int, accelera
     rows = table_rows(len(models), crops)
     tallies = {row: Tally() for row in rows}
     slots = max(1, workers)
-    ranges = _equal_ranges(data.val_samples, acc.num_processes * slots)[acc.process_index * slots:][:slots]
+    ranges = equal_ranges(data.val_samples, acc.num_processes * slots)[acc.process_index * slots:][:slots]
     bar = tqdm(total=sum(b - a for a, b in ranges), unit="img", desc=f"{crops} crop{'s' * (crops > 1)}",
                disable=not acc.is_main_process, file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     try:
-        from .trainer import LaunchError, make_accelerator
+        from .launch import LaunchError, make_accelerator
 
         models = _load_models(args, "cpu")
         config = models[0].config

@@ -22,7 +22,7 @@ import numpy as np
 from data_prep.ffcv_writer import FFCV_INSTALL_HINT
 
 from .config import ConfigError
-from .data import PreparedData, _equal_ranges, mix_seed
+from .data import PreparedData, equal_ranges, mix_seed
 
 
 def require_ffcv() -> None:
@@ -86,7 +86,7 @@ class FFCVInput:
             self.train_path, batch_size=batch_size, num_workers=threads, order=self.order, os_cache=os_cache,
             drop_last=True, pipelines={"image": image_ops, "label": _labels_pipeline()},
         )
-        start, stop = _equal_ranges(data.val_samples, world_size)[rank]
+        start, stop = equal_ranges(data.val_samples, world_size)[rank]
         self.val = None
         if stop > start:
             self.val = Loader(

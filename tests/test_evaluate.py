@@ -22,7 +22,7 @@ from pipeline.crops import (
     Crop, centre_crop, crop_plan, crop_stack, image_crops, network_input, paper_crops, paper_scales, render,
     ten_crops,
 )
-from pipeline.data import _equal_ranges, open_prepared
+from pipeline.data import equal_ranges, open_prepared
 from pipeline.eval_data import val_images
 from pipeline.evaluate import _row_logits, average_probabilities, table_rows
 from pipeline.models import build_model, forward_with_aux, load_torchvision_weights
@@ -138,7 +138,7 @@ def test_val_images_cover_the_split_once_in_any_number_of_ranges(tiny_data):
     data = open_prepared(tiny_data)
     whole = [(key, label) for key, _, label in val_images(data, 0, data.val_samples)]
     assert len(whole) == 16 and len({k for k, _ in whole}) == 16
-    parts = [(key, label) for a, b in _equal_ranges(16, 6) for key, _, label in val_images(data, a, b)]
+    parts = [(key, label) for a, b in equal_ranges(16, 6) for key, _, label in val_images(data, a, b)]
     assert parts == whole
     _, image, _ = next(val_images(data, 3, 4))
     assert image.mode == "RGB"

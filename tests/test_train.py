@@ -114,7 +114,7 @@ def test_config_overrides_and_errors(tiny_data, tmp_path):
 
 def test_scientific_notation_and_cpu_only_settings():
     assert load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-5"]).optim.lr == 0.001
-    from pipeline.trainer import make_accelerator
+    from pipeline.launch import make_accelerator
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
