@@ -55,7 +55,7 @@ def claim_output(out: Path, summary: dict) -> None:
         previous = json.loads(plan_path.read_text())
         if previous != summary:
             changed = [k for k in summary["parameters"] if previous["parameters"].get(k) != summary["parameters"][k]]
-            what = f"parameters differ: {', '.join(changed)}" if changed else "sources have changed"
+            what = f"parameters differ: {', '.join(changed)}" if changed else "sources or shard layout have changed"
             raise PrepError(f"{out}: holds a preparation with a different plan ({what}); use another --out")
     elif out.exists() and any(not p.name.startswith((PARTS_DIR, PLAN_FILE)) for p in out.iterdir()):
         # (an array task that started a moment earlier may have made .parts and a .plan.json.tmp)
@@ -82,7 +82,7 @@ def _split_summary(records: list[dict], augment_copies: int) -> dict:
     copies = max(1, augment_copies) if records and records[0]["split"] == "train" else 1
     found = planned // copies
     return {
-        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "group") if k in r} for r in records],
         "samples": sum(r["samples"] for r in records),
         "bytes": sum(r["bytes"] for r in records),
         "found": found,
@@ -105,7 +105,10 @@ def finalize(directory: Path) -> dict:
     for shard in plan["shards"]:
         part = directory / PARTS_DIR / f"{shard['name']}.json"
         if part.is_file() and (directory / shard["name"]).is_file():
-            records.setdefault(shard["split"], []).append(json.loads(part.read_text()))
+            record = json.loads(part.read_text())
+            if shard["split"] == "train":  # the copy group the trainer reads it in (see plan.py)
+                record["group"] = shard.get("group", 0)
+            records.setdefault(shard["split"], []).append(record)
         else:
             missing.append(shard["name"])
     if missing:

@@ -3,6 +3,11 @@
 The plan depends only on the sources and the parameters, so every SLURM array task computes
 the same plan on its own and writes its share of the shards, and a re-run after a kill knows
 exactly which shards are still missing.
+
+Training samples are shuffled globally (ILSVRC's archive is grouped by class). With baked
+copies (``augment_copies`` K) the training shards form K groups, consecutive runs of shards:
+group k holds copy k of every source image, in its own seeded shuffle, so the trainer's epoch
+e reads group e mod K and sees every source image exactly once.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ class ShardPlan:
     split: str
     index: int
     items: list[Item] = field(default_factory=list)
+    group: int = 0  # training shards with baked copies: which copy of the images they hold
 
     @property
     def name(self) -> str:
@@ -82,8 +88,16 @@ class Plan:
         return {
             "parameters": self.params.to_json(),
             "classes": self.classes,
-            "shards": [{"split": s.split, "name": s.name, "planned": len(s.items)} for s in self.shards],
+            "shards": [self._shard_summary(s) for s in self.shards],
         }
+
+    def _shard_summary(self, shard: ShardPlan) -> dict:
+        entry = {"split": shard.split, "name": shard.name, "planned": len(shard.items)}
+        # Copy groups exist only with baked copies; an unbaked plan reads as before (all group 0),
+        # so that preparations made before groups existed can still be resumed.
+        if self.params.augment_copies and shard.split == "train":
+            entry["group"] = shard.group
+        return entry
 
 
 def _imagenet_names(class_ids: list[str]) -> dict[str, str] | None:
@@ -106,7 +120,7 @@ def class_table(class_ids: list[str], params: PrepParams) -> list[dict]:
     return [{"index": i, "id": c, "name": names.get(c, c)} for i, c in enumerate(sorted(class_ids))]
 
 
-def _cut(split: str, items: list[Item], params: PrepParams) -> list[ShardPlan]:
+def _cut(split: str, items: list[Item], params: PrepParams, first_index: int = 0, group: int = 0) -> list[ShardPlan]:
     """Consecutive runs of ``items``, each up to ``shard_size`` samples or ``shard_bytes`` of source."""
     limit = params.shard_bytes or params.shard_size
     shards: list[ShardPlan] = []
@@ -114,10 +128,27 @@ def _cut(split: str, items: list[Item], params: PrepParams) -> list[ShardPlan]:
     for item in items:
         cost = item.ref.source_size() if params.shard_bytes else 1
         if not shards or (shards[-1].items and filled + cost > limit):
-            shards.append(ShardPlan(split, len(shards)))
+            shards.append(ShardPlan(split, first_index + len(shards), group=group))
             filled = 0
         shards[-1].items.append(item)
         filled += cost
+    return shards
+
+
+def _train_shards(refs: list[SampleRef], index: dict[str, int], params: PrepParams) -> list[ShardPlan]:
+    """The shuffled training shards: one group, or with baked copies one group per copy."""
+    refs = sorted(refs, key=lambda r: r.name)  # a fixed order to shuffle, whatever the scan order
+    if not params.augment_copies:
+        random.Random(params.seed).shuffle(refs)
+        return _cut("train", [Item(r, index[r.class_id], pos) for pos, r in enumerate(refs)], params)
+    shards: list[ShardPlan] = []
+    for k in range(params.augment_copies):
+        order = list(refs)
+        random.Random(f"{params.seed}/copy{k}").shuffle(order)  # its own shuffle: other neighbours per copy
+        # Positions run on across the groups, so sample keys stay unique within the split.
+        start = k * len(order)
+        items = [Item(r, index[r.class_id], start + i, k) for i, r in enumerate(order)]
+        shards += _cut("train", items, params, first_index=len(shards), group=k)
     return shards
 
 
@@ -136,14 +167,8 @@ def make_plan(params: PrepParams) -> Plan:
             f"{params.val}: {len(unknown)} validation classes are not among the training classes "
             f"(first: {unknown[0]!r})"
         )
-    # ILSVRC's train archive is grouped by class: shuffle globally so every shard mixes classes.
-    train_refs = sorted(train_refs, key=lambda r: r.name)
-    copies = range(params.augment_copies) if params.augment_copies else [-1]
-    train_items = [Item(r, index[r.class_id], 0, k) for r in train_refs for k in copies]
-    random.Random(params.seed).shuffle(train_items)
-    train_items = [Item(it.ref, it.label, pos, it.copy) for pos, it in enumerate(train_items)]
     val_items = [Item(r, index[r.class_id], pos) for pos, r in enumerate(val_refs)]  # keeps its order
-    shards = _cut("train", train_items, params) + _cut("val", val_items, params)
+    shards = _train_shards(train_refs, index, params) + _cut("val", val_items, params)
     return Plan(params, class_table(class_ids, params), shards)
 
 

@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(_recipe(args.config), args.overrides)
         from .launch import LaunchError
-        from .trainer import run
+        from .trainer import train
 
         try:
-            run(config)
+            train(config)
         except LaunchError as exc:
             raise ConfigError(str(exc)) from exc
     except (ConfigError, PrepError) as exc:

@@ -65,11 +65,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01  # for the total batch (all processes, after accumulation)
+    lr: float = 0.01  # at lr_base_batch images per update; scaled to the real one (see lr_scaling)
+    lr_base_batch: int = 256  # the batch (all processes x batch_size x grad_accum) that lr is right for
+    lr_scaling: str = "linear"  # linear, sqrt or none: how lr follows the real batch
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 2e-4
     decay_bias_and_norm: bool = True  # false: no weight decay on biases and normalisation layers
+    bias_lr_factor: float = 1.0  # biases learn at this x lr (Caffe's lr_mult: 2 in BVLC's GoogLeNet)
     label_smoothing: float = 0.0
     grad_accum: int = 1
     clip_grad_norm: float | None = None
@@ -77,19 +80,20 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "paper"  # paper (x gamma every step_epochs), step, cosine, constant
+    name: str = "step"  # step (x gamma every step_epochs; the paper's 0.96 every 8), cosine, poly, constant
     epochs: int = 30
     warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor x lr
     warmup_start_factor: float = 0.1
-    step_epochs: float = 8.0  # paper: 8; step: e.g. 30
-    gamma: float = 0.96  # paper: 0.96; step: e.g. 0.1
+    step_epochs: float = 8.0  # the paper: 8; ResNet-style: 30
+    gamma: float = 0.96  # the paper: 0.96; ResNet-style: 0.1
     min_lr: float = 0.0  # cosine floor
+    power: float = 0.5  # poly: lr x (1 - update/total)^power (BVLC's quick_solver: 0.5)
 
 
 @dataclass
 class EmaConfig:
     enabled: bool = False
-    decay: float = 0.9998  # per update
+    horizon_epochs: float = 2.0  # time constant of the average, in epochs; the per-update decay follows from the batch
     every: int = 1  # update the average every N optimizer steps
 
 
@@ -160,16 +164,31 @@ def _coerce(value: Any, tp, key: str) -> Any:
     return value
 
 
+# Keys and values that older recipes used, with what replaced them.
+REPLACED_KEYS = {
+    "ema.decay": "ema.horizon_epochs (the average's time constant in epochs; the per-update decay is "
+                 "derived from the real batch, e.g. 0.9999 per update at 256 images is 2 epochs of ImageNet)",
+}
+REPLACED_VALUES = {
+    ("schedule.name", "paper"): "schedule.name: 'paper' is now 'step' (x gamma every step_epochs; "
+                                "gamma 0.96 and step_epochs 8, the paper's, are its defaults)",
+}
+
+
 def _build(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
+            if where in REPLACED_KEYS:
+                raise ConfigError(f"{where}: replaced by {REPLACED_KEYS[where]}")
             raise ConfigError(f"unknown key {where!r} (valid: {', '.join(sorted(names))})")
     instance = cls()
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, str) and (where, value) in REPLACED_VALUES:
+            raise ConfigError(REPLACED_VALUES[where, value])
         setattr(instance, key, _coerce(value, hints[key], where))
     return instance
 
@@ -247,20 +266,24 @@ def validate(c: Config) -> None:
     _check(a.lighting_std >= 0, "data.augment.lighting_std", a.lighting_std, ">= 0")
     o = c.optim
     _check(o.lr > 0, "optim.lr", o.lr, "> 0")
+    _check(o.lr_base_batch >= 1, "optim.lr_base_batch", o.lr_base_batch, ">= 1")
+    _check(o.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", o.lr_scaling, "linear, sqrt or none")
+    _check(o.bias_lr_factor > 0, "optim.bias_lr_factor", o.bias_lr_factor, "> 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "[0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _check(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "[0, 1)")
     _check(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, ">= 1")
     _check(o.clip_grad_norm is None or o.clip_grad_norm > 0, "optim.clip_grad_norm", o.clip_grad_norm, "> 0")
     s = c.schedule
-    _check(s.name in ("paper", "step", "cosine", "constant"), "schedule.name", s.name, "paper, step, cosine or constant")
+    _check(s.name in ("step", "cosine", "poly", "constant"), "schedule.name", s.name, "step, cosine, poly or constant")
     _check(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
     _check(0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs, "[0, schedule.epochs)")
     _check(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", s.warmup_start_factor, "(0, 1]")
     _check(s.step_epochs > 0, "schedule.step_epochs", s.step_epochs, "> 0")
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "(0, 1]")
     _check(0 <= s.min_lr < o.lr, "schedule.min_lr", s.min_lr, "[0, optim.lr)")
-    _check(0 < c.ema.decay < 1, "ema.decay", c.ema.decay, "(0, 1)")
+    _check(s.power > 0, "schedule.power", s.power, "> 0")
+    _check(c.ema.horizon_epochs > 0, "ema.horizon_epochs", c.ema.horizon_epochs, "> 0")
     _check(c.ema.every >= 1, "ema.every", c.ema.every, ">= 1")
     t = c.train
     _check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", t.mixed_precision, "no, fp16 or bf16")

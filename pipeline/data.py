@@ -6,13 +6,18 @@ length the manifest gives, and every (rank, loader worker) slot reads its own co
 range of it, skipping into its first shard and stopping inside its last. So no sample is
 read twice, no slot runs short, and no shard needs to be split evenly.
 
-Training: rank r's workers together get exactly ``batches_per_epoch`` full batches (the
-DataLoader takes workers in turn, so worker w gets batches w, w + n, ...), which makes every
-rank take the same number of steps and DDP never waits; the remainder of the epoch (fewer
-than world x batch samples) is dropped. Each worker runs a seeded shuffle buffer, then decodes
-and crops into uint8 tensors. Everything random is seeded from (seed, epoch, rank, worker,
-sample), so a run resumed mid-epoch sees the same batches as an uninterrupted one; the batches
-it already did are dropped before decoding.
+Training: an epoch is one copy group of the shards (with K baked copies per image, group
+e mod K holds copy e mod K of every source image; unbaked shards are all group 0), so every
+source image is seen once per epoch. Rank r's workers together get exactly
+``batches_per_epoch`` full batches (the DataLoader takes workers in turn, so worker w gets
+batches w, w + n, ...), which makes every rank take the same number of steps and DDP never
+waits; the remainder of the epoch (fewer than world x batch samples) is dropped. Shard
+contents are fixed at preparation, so each worker reads several of its shard segments at once
+(``interleave_shards``), drawing each next sample from a random one of them, and then runs a
+seeded shuffle buffer: a sample's neighbours change from epoch to epoch. It then decodes and
+crops into uint8 tensors. Everything random is seeded from (seed, epoch, rank, lane, sample),
+so a run resumed mid-epoch sees the same batches as an uninterrupted one; the batches it
+already did are dropped before decoding.
 
 Validation: the ranges cover every sample exactly once, nothing padded or dropped; the
 trainer all-reduces the counts and checks them against the manifest.
@@ -42,6 +47,7 @@ def mix_seed(*parts) -> int:
 class Shard:
     url: str
     samples: int
+    group: int = 0  # baked copies: the copy this training shard holds, read in the epochs e with e mod K == group
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,26 @@ def open_prepared(directory: str | Path) -> PreparedData:
             if not path.is_file():
                 what = "shard" if manifest["format"] == "webdataset" else "file"
                 raise PrepError(f"{path}: {what} listed in the manifest is missing")
-            files[split].append(Shard(str(path), s["samples"]))
+            files[split].append(Shard(str(path), s["samples"], s.get("group", 0)))
     params = manifest["parameters"]
+    copies = params.get("augment_copies", 0)
+    check_groups(files["train"], copies, directory / "manifest.json")
     return PreparedData(directory, manifest["classes"], files["train"], files["val"],
-                        params.get("augment_copies", 0), params.get("augment_size", 0), manifest["format"])
+                        copies, params.get("augment_size", 0), manifest["format"])
+
+
+def check_groups(shards: list[Shard], augment_copies: int, manifest: Path) -> None:
+    """Baked copies: groups 0..K-1, all the same size (a bad image is skipped in every copy),
+    so that every epoch is one pass over the same source images."""
+    sizes: dict[int, int] = {}
+    for shard in sorted(shards, key=lambda s: s.group):
+        sizes[shard.group] = sizes.get(shard.group, 0) + shard.samples
+    expected = list(range(max(1, augment_copies)))
+    if list(sizes) != expected or len(set(sizes.values())) > 1:
+        raise PrepError(
+            f"{manifest}: training shards should form copy groups {expected} of equal size, found "
+            f"{sizes} (samples per group); prepare the shards again with this version of data_prep"
+        )
 
 
 def worker_slot() -> tuple[int, int]:
@@ -134,28 +156,94 @@ def stack_batches(samples, batch_size: int):
         yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
+def interleave(segments: list[tuple], rng: random.Random, width: int):
+    """Merge ``segments``, (sample iterable, length) pairs, keeping up to ``width`` of them open
+    and opening the next in order when one runs out. Each next sample comes from an open
+    segment drawn with probability proportional to the samples it has left, so the open
+    segments are merged in uniformly random order."""
+    pending = iter(segments)
+    active: list[list] = []  # [iterator, samples left]
+
+    def refill():
+        for samples, length in pending:
+            if length > 0:
+                active.append([iter(samples), length])
+                if len(active) == width:
+                    return
+
+    refill()
+    while active:
+        pick = rng.randrange(sum(left for _, left in active))
+        i = 0
+        while pick >= active[i][1]:
+            pick -= active[i][1]
+            i += 1
+        sample = next(active[i][0], None)
+        if sample is None:
+            raise RuntimeError("a training shard holds fewer samples than the manifest says "
+                               "(check the shards with 'python -m data_prep verify')")
+        yield sample
+        active[i][1] -= 1
+        if active[i][1] == 0:
+            active.pop(i)
+            refill()
+
+
 class TrainStream(IterableDataset):
     def __init__(self, shards: list[Shard], *, batch_size: int, batches_per_epoch: int, rank: int,
                  world_size: int, seed: int, image_size: int, crop: augment.CropSpec | None,
                  baked: bool, shuffle_buffer: int, eval_resize: int,
-                 photometric: augment.PhotometricSpec | None = None):
+                 photometric: augment.PhotometricSpec | None = None, interleave_shards: int = 4):
         self.shards, self.batch_size, self.batches_per_epoch = shards, batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.image_size, self.crop, self.baked = image_size, crop, baked
         self.shuffle_buffer, self.eval_resize = shuffle_buffer, eval_resize
+        self.interleave_shards = max(1, interleave_shards)
         # Photometric distortion per image in the workers: for CPU-only training, where the
         # "device" is the main process's cores (on a GPU the trainer does it batched instead).
         self.photometric = photometric
+        # Epoch e reads copy group e mod (number of groups): one pass over the source images.
+        self.groups = sorted({s.group for s in shards}) or [0]
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Call before iterating; ``start_batch`` skips the batches a resumed run already did."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _epoch_order(self) -> list[Shard]:
-        order = list(self.shards)
+    def epoch_shards(self) -> list[Shard]:
+        """The current epoch's shards (one copy group) in this epoch's order, the same on every rank."""
+        group = self.groups[self.epoch % len(self.groups)]
+        order = [s for s in self.shards if s.group == group]
         random.Random(mix_seed(self.seed, self.epoch, "shards")).shuffle(order)
         return order
+
+    def lane_samples(self, lane: int, num_lanes: int):
+        """(key, encoded image, label) of lane ``lane`` of ``num_lanes`` (batches lane, lane + n, ...
+        of this rank's epoch), in training order, all of them (also those before start_batch).
+
+        The lane's contiguous range of the epoch's shard sequence is cut into per-shard segments,
+        read ``interleave_shards`` at a time, then passed through the shuffle buffer."""
+        needed = self.world_size * self.batches_per_epoch * self.batch_size
+        shards = self.epoch_shards()
+        available = sum(s.samples for s in shards)
+        if needed > available:
+            raise ValueError(f"{self.world_size} ranks x {self.batches_per_epoch} batches x {self.batch_size} "
+                             f"samples exceed the epoch's {available} training samples")
+        batches = [len(range(i, self.batches_per_epoch, num_lanes)) for i in range(num_lanes)]
+        start = (self.rank * self.batches_per_epoch + sum(batches[:lane])) * self.batch_size
+        stop = start + batches[lane] * self.batch_size
+        segments, offset = [], 0
+        for shard in shards:
+            first, last = max(offset, start) - offset, min(offset + shard.samples, stop) - offset
+            if first < last:
+                segments.append((sample_range([shard], first, last), last - first))
+            offset += shard.samples
+        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "interleave"))
+        samples = interleave(segments, rng, self.interleave_shards)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "buffer"))
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        yield from samples
 
     def _decode(self, data: bytes, seed: int) -> torch.Tensor:
         if self.baked:  # already cropped and distorted at preparation time
@@ -177,18 +265,11 @@ class TrainStream(IterableDataset):
         # l, l + n, ... of the epoch) must be served by the worker whose turn batch l is. After a
         # resume at start_batch the turns are rotated: worker w serves lane (w + start_batch) % n.
         lane = (worker + self.start_batch) % num_workers
-        batches = [len(range(i, self.batches_per_epoch, num_workers)) for i in range(num_workers)]
-        start = (self.rank * self.batches_per_epoch + sum(batches[:lane])) * self.batch_size
-        wanted = batches[lane] * self.batch_size
         skip = len(range(lane, min(self.start_batch, self.batches_per_epoch), num_workers))
-        samples = sample_range(self._epoch_order(), start, start + wanted)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "buffer"))
-            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         base = mix_seed(self.seed, self.epoch, self.rank, lane, "augment")
 
         def decoded():
-            for i, (key, data, label) in enumerate(samples):
+            for i, (key, data, label) in enumerate(self.lane_samples(lane, num_workers)):
                 if i < skip * self.batch_size:
                     continue  # resumed mid-epoch: these batches were already trained on
                 try:

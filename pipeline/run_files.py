@@ -3,7 +3,8 @@
 ``runs/NAME/`` holds ``config.yaml`` (the trainer's full configuration), ``classes.json`` (the
 manifest's classes, written when training starts) and ``checkpoints/step-NNNNNNNN/``
 (Accelerate's ``save_state``: ``model.safetensors``, and with ``ema.enabled`` the EMA's state as
-one of the ``custom_checkpoint_N.pkl`` objects); ``checkpoints/best.json`` names the best.
+one of the ``custom_checkpoint_N.pkl`` objects); ``checkpoints/best.json`` names the best, for
+the trained weights and for their EMA.
 """
 from __future__ import annotations
 
@@ -68,12 +69,12 @@ def read_classes(run_dir: Path | None, config: Config) -> list[dict]:
         raise RunError(f"{where}the class names of data.dir cannot be read: {exc}") from exc
 
 
-def locate(path: str | Path, which: str = "best") -> tuple[Path, Path]:
+def locate(path: str | Path, which: str = "best", ema: bool = False) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) for a run directory (checkpoint ``which``: best or
-    last) or for a checkpoint directory (whose run is its grandparent)."""
+    last; the EMA's best with ``ema``) or for a checkpoint directory (whose run is its grandparent)."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        return path, pick_checkpoint(path, which)
+        return path, pick_checkpoint(path, which, ema)
     if (path / MODEL_FILE).is_file():
         run_dir = path.parent.parent
         if not (run_dir / CONFIG_FILE).is_file():
@@ -84,9 +85,9 @@ def locate(path: str | Path, which: str = "best") -> tuple[Path, Path]:
     raise RunError(f"{path}: neither a run directory (no {CONFIG_FILE}) nor a checkpoint directory (no {MODEL_FILE})")
 
 
-def pick_checkpoint(run_dir: Path, which: str) -> Path:
-    """``best`` (as ``best.json`` names it; the newest when the run never evaluated), ``last``,
-    or a path to a checkpoint directory."""
+def pick_checkpoint(run_dir: Path, which: str, ema: bool = False) -> Path:
+    """``best`` (as ``best.json`` names it for the trained weights, or with ``ema`` for their
+    average; the newest when the run never evaluated), ``last``, or a checkpoint directory."""
     checkpoints = CheckpointManager(run_dir / "checkpoints", accelerator=None, keep_last=0)
     if which not in CHECKPOINT_CHOICES:
         path = Path(which)
@@ -98,7 +99,7 @@ def pick_checkpoint(run_dir: Path, which: str) -> Path:
     latest = checkpoints.latest()
     if latest is None:
         raise RunError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    best = checkpoints.best() if which == "best" else None
+    best = checkpoints.best("ema" if ema else "model") if which == "best" else None
     if best is None:
         return latest
     path = checkpoints.directory / best["checkpoint"]
@@ -138,7 +139,7 @@ def build_for(config: Config, classes: list[dict]) -> nn.Module:
 def load_model(path: str | Path, which: str = "best", ema: bool = False,
                device: str | torch.device = "cpu") -> LoadedModel:
     """The model of a run directory or checkpoint directory, in eval mode on ``device``."""
-    run_dir, checkpoint = locate(path, which)
+    run_dir, checkpoint = locate(path, which, ema)
     try:
         config = load_config(run_dir / CONFIG_FILE)
     except ConfigError as exc:

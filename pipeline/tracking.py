@@ -7,11 +7,14 @@ TensorBoard's ``purge_step=S+1`` hides whatever the interrupted run logged after
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from data_prep.augment import IMAGENET_MEAN, IMAGENET_STD
+
+from .metrics import Tally
 
 TRACKER_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
@@ -52,3 +55,38 @@ def log_image_grid(accelerator, images: torch.Tensor, step: int, count: int = 32
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     grid = make_grid((batch * std + mean).clamp(0, 1), nrow=8)
     accelerator.get_tracker("tensorboard").log_images({"train/augmented_images": grid[None]}, step=step)
+
+
+class LogWindow:
+    """What this process did since the last log line: images, time waiting for data, the
+    losses of each head, and a top-k tally (reduced over the processes when logged)."""
+
+    def __init__(self):
+        self.start, self.data_wait, self.images, self.batches = time.perf_counter(), 0.0, 0, 0
+        self.loss_sums: torch.Tensor | None = None
+        self.tally = Tally()
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor) -> None:
+        """One micro-batch: its main logits, labels and [main, aux...] mean losses."""
+        n = labels.numel()
+        self.tally.add(logits.detach().float(), labels, losses[0] * n)
+        self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
+        self.images += n
+        self.batches += 1
+
+    def values(self, accelerator, lr: float) -> dict[str, float]:
+        """The scalars of a log line; every process must call it (the tally is all-reduced)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        errors = self.tally.reduce(accelerator).errors()
+        values = {
+            "train/loss": errors["loss"], "train/top1_error": errors["top1_error"],
+            "train/top5_error": errors["top5_error"], "lr": lr,
+            "throughput/images_per_sec": self.images * accelerator.num_processes / elapsed,
+            "throughput/data_wait_fraction": self.data_wait / elapsed,
+        }
+        if self.loss_sums is not None:
+            for i, value in enumerate((self.loss_sums / self.batches).tolist()[1:], start=1):
+                values[f"train/loss_aux{i}"] = value
+        if accelerator.device.type == "cuda":
+            values["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return values

@@ -1,4 +1,13 @@
-"""The training loop: Accelerate DDP, device-side augmentation, exact evaluation, resumption."""
+"""Training: build a run's few objects, then epochs of updates, validation and checkpoints.
+
+    run = build_run(config, data)     # accelerator, batch layout, model, optimizer, schedule, EMA, input
+    fit(run)                          # resume; then per epoch: train_one_epoch, end_epoch
+
+The pieces live beside this file, one stage each: ``recipe`` (batch layout, scaled lr, EMA
+decay, parameter groups), ``schedule``, ``step`` (inputs, loss, optimizer step), ``validate``,
+``checkpoint`` (atomic saves, best, resume), ``tracking`` (TensorBoard, metrics.jsonl) and
+``preemption``.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,13 +15,11 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
@@ -20,472 +27,385 @@ from data_prep import augment
 from data_prep.manifest import PrepError
 
 from . import tracking
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, resume_latest
 from .config import Config, ConfigError, dump
 from .data import EvalStream, PreparedData, TrainStream, WebDatasetInput, eval_resize_for, mix_seed, open_prepared
+from .launch import make_accelerator
 from .metrics import Tally
-from .models import build_model, forward_with_aux, load_torchvision_weights
+from .models import build_model, load_torchvision_weights
 from .preemption import PreemptionWatch
+from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr
 from .run_files import write_classes
 from .schedule import build_scheduler
-
-
-class LaunchError(RuntimeError):
-    """The processes did not form the group the launcher asked for."""
+from .step import compute_loss, network_input, optimizer_step
+from .validate import validate
 
 
 class Preempted(Exception):
     """The job was told to stop; a checkpoint of the current step has been written."""
 
 
-def make_accelerator(config: Config) -> Accelerator:
-    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    # Without cpu=True on a host without CUDA, Accelerate starts independent single-process runs
-    # instead of one gloo group; on CUDA hosts, the launcher's settings apply as usual.
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=config.train.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
-    )
-    if accelerator.device.type == "cpu":
-        # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise; on a CPU-only host
-        # give each process its share of the cores instead (1.4x faster for the demo on 2 cores).
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != expected:
-        raise LaunchError(
-            f"the launcher started {expected} processes but they formed a group of "
-            f"{accelerator.num_processes}; refusing to train as independent copies"
-        )
-    return accelerator
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float, decay_bias_and_norm: bool) -> list[dict]:
-    if decay_bias_and_norm:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)  # biases and norm scales/shifts
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 @dataclass
 class Progress:
     """Where the run stands; saved in every checkpoint."""
 
-    step: int = 0  # optimizer updates done
-    best_val_top1_error: float | None = None
+    step: int = 0  # updates done; each consumed its batches, also when fp16's GradScaler skipped it
+    skipped_steps: int = 0  # of those, updates not applied (inf/nan gradients in fp16), nor averaged
+    best: dict[str, float] = field(default_factory=dict)  # best validation top-1 error: model, ema
 
 
-class Trainer:
-    def __init__(self, config: Config, data: PreparedData):
-        self.config = config
-        self.data = data
-        self.accelerator = make_accelerator(config)
-        acc, c = self.accelerator, config
-        self.run_dir = config.run_dir
-        self.baked = data.augment_copies > 0
-        if self.baked and data.augment_size != c.data.image_size:
-            raise ConfigError(
-                f"data.image_size: {c.data.image_size} but {data.directory} holds augmented copies of size "
-                f"{data.augment_size}; set data.image_size={data.augment_size}"
-            )
-        self.batch_size = c.data.batch_size
-        self.accum = c.optim.grad_accum
-        per_update = self.batch_size * acc.num_processes * self.accum
-        # An epoch is one pass over the source images, also when each is baked K times.
-        self.epoch_samples = data.train_samples // max(1, data.augment_copies)
-        self.updates_per_epoch = self.epoch_samples // per_update
-        if self.updates_per_epoch < 1:
-            raise ConfigError(
-                f"data.batch_size: {self.batch_size} x {acc.num_processes} processes x {self.accum} accumulation "
-                f"exceeds the {self.epoch_samples} training images in {data.directory}"
-            )
-        self.batches_per_epoch = self.updates_per_epoch * self.accum
-        self.total_updates = c.schedule.epochs * self.updates_per_epoch
-        if c.train.max_steps:
-            self.total_updates = min(self.total_updates, c.train.max_steps)
+@dataclass
+class Run:
+    config: Config
+    data: PreparedData
+    accelerator: Accelerator
+    layout: BatchLayout
+    lr: float  # optim.lr scaled to the real batch
+    model: torch.nn.Module  # prepared (DDP)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+    ema_decay: float | None
+    input: object  # WebDatasetInput or FFCVInput: train_batches(epoch, start_batch), val_batches()
+    photometric: augment.PhotometricSpec | None  # batched on the device; None when off or done in workers
+    checkpoints: CheckpointManager
+    preemption: PreemptionWatch
+    progress: Progress = field(default_factory=Progress)
 
-        torch.manual_seed(c.seed)  # identical initial weights on every process
-        model = build_model(c.model.name, data.num_classes, c.model.aux_logits, c.model.dropout)
-        if c.model.weights:
-            try:
-                load_torchvision_weights(model, c.model.weights)
-            except ValueError as exc:
-                raise ConfigError(f"model.weights: {exc}") from exc
-        if c.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(
-            _param_groups(model, c.optim.weight_decay, c.optim.decay_bias_and_norm),
-            lr=c.optim.lr, momentum=c.optim.momentum, nesterov=c.optim.nesterov,
-        )
-        # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
-        self.scheduler = build_scheduler(optimizer, c.schedule, self.updates_per_epoch)
-        if c.model.compile:  # before prepare, so that DDP wraps the compiled module (no_sync works)
-            model = torch.compile(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
-        self.ema = None
-        if c.ema.enabled:
-            self.ema = AveragedModel(self._bare_model(), multi_avg_fn=get_ema_multi_avg_fn(c.ema.decay), use_buffers=True)
-            acc.register_for_checkpointing(self.ema)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", acc, c.train.keep_checkpoints)
-        self.progress = Progress()
-        self.preemption = PreemptionWatch().install()
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
 
-        a = c.data.augment
-        crop = augment.CropSpec(tuple(a.crop_area), tuple(a.crop_ratio), tuple(a.interpolations), a.flip) if a.crop else None
-        self.photometric = augment.PhotometricSpec(
-            *(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)), a.random_order, a.lighting_std
-        )
-        distort = not self.baked and (any((a.brightness, a.contrast, a.saturation)) or a.lighting_std > 0)
-        # Batched on the GPU; without one, per image in the WebDataset loader workers, which run
-        # in parallel (the same code, hence the same distribution, either way). FFCV's pipeline
-        # has no place for it, so there it is always batched in the training process.
-        in_workers = distort and acc.device.type == "cpu" and data.format == "webdataset"
-        self.photometric_on = distort and not in_workers
-        self.input = self._make_input(crop, self.photometric if in_workers else None)
-
-    def _make_input(self, crop: augment.CropSpec | None, photometric: augment.PhotometricSpec | None):
-        c, acc, data = self.config, self.accelerator, self.data
-        eval_resize = eval_resize_for(c.data.image_size, c.data.eval_resize)
-        eval_batch_size = c.data.eval_batch_size or 2 * self.batch_size
-        if data.format == "ffcv":
-            from .ffcv_data import FFCVInput
-
-            self.log("data.format ffcv: crops are resized with OpenCV's INTER_AREA; "
-                     "data.augment.interpolations does not apply (see README, FFCV)")
-            return FFCVInput(
-                data, batch_size=self.batch_size, eval_batch_size=eval_batch_size,
-                batches_per_epoch=self.batches_per_epoch, rank=acc.process_index, world_size=acc.num_processes,
-                seed=c.seed, workers=c.data.workers, image_size=c.data.image_size, eval_resize=eval_resize,
-                crop_area=crop.area if crop else None, crop_ratio=tuple(c.data.augment.crop_ratio),
-                flip=crop is not None and crop.flip, os_cache=c.data.ffcv_os_cache,
-            )
-        train = TrainStream(
-            data.train, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch, rank=acc.process_index,
-            world_size=acc.num_processes, seed=c.seed, image_size=c.data.image_size, crop=crop, baked=self.baked,
-            shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric,
-        )
-        val = EvalStream(
-            data.val, batch_size=eval_batch_size, rank=acc.process_index,
-            world_size=acc.num_processes, image_size=c.data.image_size, resize=eval_resize,
-        )
-        return WebDatasetInput(train, val, c.data.workers, acc.device.type == "cuda")
-
-    # ----------------------------------------------------------------------------- helpers
-    def _bare_model(self) -> torch.nn.Module:
+    def bare_model(self) -> torch.nn.Module:
         """The model without DDP and torch.compile wrappers (for EMA, evaluation, checks)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    def _layout(self) -> dict:
-        """What fixes the sequence of batches and the schedule: a resume must not change it."""
-        c = self.config
-        return {"processes": self.accelerator.num_processes, "batch_size": self.batch_size, "grad_accum": self.accum,
-                "loader_workers": c.data.workers, "updates_per_epoch": self.updates_per_epoch,
-                "schedule": dataclasses.asdict(c.schedule), "seed": c.seed}
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(message, file=sys.stderr)
 
-    def _prepare_inputs(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """uint8 batch from the loader -> distorted, normalised float batch on the device."""
-        images = images.to(self.accelerator.device, non_blocking=True)
-        if self.photometric_on:
-            generator = torch.Generator().manual_seed(mix_seed(self.config.seed, step, self.accelerator.process_index, "photo"))
-            images = augment.photometric_distort(images, self.photometric, generator)
-        else:
-            images = images.float().div_(255)
-        images = augment.normalize(images)
-        if self.config.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
+    def layout_record(self) -> dict:
+        """What fixes the sequence of batches and the schedule: a resume must not change it."""
+        c, layout = self.config, self.layout
+        return {"processes": layout.processes, "batch_size": layout.batch_size, "grad_accum": layout.grad_accum,
+                "loader_workers": c.data.workers, "updates_per_epoch": layout.updates_per_epoch,
+                "schedule": dataclasses.asdict(c.schedule), "seed": c.seed}
 
-    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Total loss (main + aux_weight x each auxiliary head), main logits, [main, aux...] losses."""
-        out = forward_with_aux(self.model, images)
-        smoothing = self.config.optim.label_smoothing
-        losses = [F.cross_entropy(x.float(), labels, label_smoothing=smoothing) for x in (out.logits, *out.aux)]
-        total = losses[0] + self.config.model.aux_weight * sum(losses[1:]) if len(losses) > 1 else losses[0]
-        return total, out.logits, torch.stack(losses).detach()
 
-    # ----------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self, models: list[torch.nn.Module]) -> list[dict[str, float]]:
-        """Exact top-1/top-5 error of each model over the whole validation set, in any number of
-        processes; one decoding pass serves all the models (the trained one and its EMA)."""
-        acc = self.accelerator
-        modes = [m.training for m in models]
-        for model in models:
-            model.eval()
-        tallies = [Tally() for _ in models]
-        for images, labels in self.input.val_batches():
-            inputs = augment.normalize(images.to(acc.device, non_blocking=True).float().div_(255))
-            if self.config.model.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(acc.device)
-            for model, tally in zip(models, tallies):
-                with acc.autocast():
-                    logits = forward_with_aux(model, inputs).logits.float()
-                tally.add(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
-        for model, mode in zip(models, modes):
-            model.train(mode)
-        results = []
-        for tally in tallies:
-            total = tally.reduce(acc)
-            if total.count != self.data.val_samples:
-                raise RuntimeError(
-                    f"validation counted {total.count} samples, the manifest of {self.data.directory} says "
-                    f"{self.data.val_samples}"
-                )
-            results.append({**total.errors(), "count": total.count})
-        return results
-
-    def _sync_buffers(self) -> None:
-        """DDP broadcasts buffers at each forward, so after the last step every rank's batch-norm
-        statistics include its own batch: take rank 0's everywhere before evaluating or saving."""
-        if self.accelerator.num_processes > 1:
-            for buffer in self._bare_model().buffers():
-                torch.distributed.broadcast(buffer, src=0)
-
-    # ----------------------------------------------------------------------------- checkpoints
-    def _save(self) -> Path:
-        state = {"step": self.progress.step, "best_val_top1_error": self.progress.best_val_top1_error,
-                 "layout": self._layout()}
-        return self.checkpoints.save(self.progress.step, state)
-
-    def _resume(self) -> None:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            return
-        saved = self.checkpoints.state(latest).get("layout", {})
-        changed = {k: (saved.get(k), v) for k, v in self._layout().items() if saved.get(k) != v}
-        if changed:
-            detail = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-            raise ConfigError(
-                f"{latest} was written with another batch layout or schedule ({detail}); resuming would "
-                f"not replay the same batches and learning rates. Use the original settings, or a new name=..."
-            )
-        state = self.checkpoints.load(latest)
-        self.progress = Progress(state["step"], state["best_val_top1_error"])
-        self.log(f"resumed from {latest} (step {self.progress.step})")
-
-    # ----------------------------------------------------------------------------- training
-    def train(self) -> dict:
-        acc, c = self.accelerator, self.config
-        started = time.perf_counter()
-        if acc.is_main_process:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        self._resume()  # before config.yaml is rewritten: a refused resume keeps the original
-        if acc.is_main_process:
-            (self.run_dir / "config.yaml").write_text(dump(c))
-            write_classes(self.run_dir, self.data.classes)  # for evaluation and prediction
-        tracking.start_tracking(acc, self.run_dir, self.progress.step, dump(c))
-        tracker = acc.get_tracker("tensorboard") if acc.is_main_process else None
-        self.log(
-            f"{c.model.name}: {self.data.train_samples} training / {self.data.val_samples} validation images, "
-            f"{self.data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}, "
-            f"{self.updates_per_epoch} updates per epoch of {self.batch_size * acc.num_processes * self.accum} images, "
-            f"{self.total_updates} updates in all"
-        )
-        last_record: dict = {}
-        self.model.train()
+# ----------------------------------------------------------------------------------------- setup
+def build_network(config: Config, num_classes: int) -> torch.nn.Module:
+    """The model a run starts from: seeded, so every process (and a test) builds the same weights."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, num_classes, config.model.aux_logits, config.model.dropout)
+    if config.model.weights:
         try:
-            while self.progress.step < self.total_updates:
-                epoch = self.progress.step // self.updates_per_epoch
-                last_record = self._train_epoch(epoch, tracker) or last_record
-                if self.progress.step < self.total_updates and self.preemption.should_stop(acc):
-                    raise Preempted()  # _end_epoch has just written the checkpoint
-        except Preempted:
-            outcome = self.preemption.requeue() if acc.is_main_process else ""
-            self.log(f"stopped at step {self.progress.step} on request, checkpoint written; {outcome}")
-            acc.end_training()
-            return {"preempted_at_step": self.progress.step}
-        self._sync_buffers()
-        self._check_replicas()
-        result = (f", validation top-1/top-5 error {last_record['val_top1_error']:.3f}/{last_record['val_top5_error']:.3f}"
-                  if "val_top1_error" in last_record else "")
-        self.log(f"done in {time.perf_counter() - started:.0f}s{result}. "
-                 f"TensorBoard: tensorboard --logdir {self.run_dir / tracking.TRACKER_DIR}")
-        acc.end_training()
-        return last_record
+            load_torchvision_weights(model, config.model.weights)
+        except ValueError as exc:
+            raise ConfigError(f"model.weights: {exc}") from exc
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
-    def _check_replicas(self) -> None:
-        """DDP keeps the replicas identical; prove it at the end rather than trust it."""
-        acc = self.accelerator
-        bare = self._bare_model()
-        params = [t.detach().double().flatten() for t in (*bare.parameters(), *bare.buffers()) if t.is_floating_point()]
-        flat = torch.cat(params)
-        checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum()])
-        sums = acc.gather(checksum[None]).cpu()
-        if not torch.equal(sums, sums[:1].expand_as(sums)):
-            raise RuntimeError(f"model replicas differ across processes: checksums {sums.tolist()}")
-        self.log(f"parameters identical on all {acc.num_processes} processes")
 
-    def _train_epoch(self, epoch: int, tracker) -> dict | None:
-        acc, c = self.accelerator, self.config
-        start_update = self.progress.step - epoch * self.updates_per_epoch
-        end_update = min(self.updates_per_epoch, self.total_updates - epoch * self.updates_per_epoch)
-        loader = self.input.train_batches(epoch, start_update * self.accum)
-        epoch_tally, window_tally = Tally(), Tally()
-        window = _Window()
-        epoch_start = time.perf_counter()
-        epoch_images = 0
-        bar = tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
-                   disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True)
-        grid_logged = False
-        for update in range(start_update, end_update):
-            step = self.progress.step
-            for micro in range(self.accum):
-                wait_start = time.perf_counter()
-                batch = next(loader, None)
-                if batch is None:
-                    raise RuntimeError(
-                        f"epoch {epoch + 1}: the loader of process {acc.process_index} ran out of samples; "
-                        f"do the shards in {self.data.directory} hold what the manifest says? "
-                        f"(python -m data_prep verify {self.data.directory})"
-                    )
-                images, labels = batch
-                window.wait += time.perf_counter() - wait_start
-                torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
-                inputs = self._prepare_inputs(images, step * self.accum + micro)
-                labels = labels.to(acc.device, non_blocking=True)
-                if c.train.image_grid and not grid_logged:
-                    tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
-                    grid_logged = True
-                last_micro = micro == self.accum - 1
-                with (contextlib.nullcontext() if last_micro else acc.no_sync(self.model)), acc.autocast():
-                    loss, logits, losses = self._loss(inputs, labels)
-                acc.backward(loss / self.accum)
-                batch_n = labels.numel()
-                for tally in (epoch_tally, window_tally):
-                    tally.add(logits.detach().float(), labels, losses[0] * batch_n)
-                window.add(losses, batch_n)
-                epoch_images += batch_n
-            if c.optim.clip_grad_norm:
-                acc.clip_grad_norm_(self.model.parameters(), c.optim.clip_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if not self.optimizer.step_was_skipped:  # fp16: GradScaler skipped an overflowing step
-                self.scheduler.step()
-            self.progress.step += 1
-            if self.ema is not None and self.progress.step % c.ema.every == 0:
-                self.ema.update_parameters(self._bare_model())
-            bar.update(1)
-            if self.progress.step % c.train.log_every_steps == 0 or update == end_update - 1:
-                self._log_window(window, window_tally, tracker, bar)
-                window_tally, window = Tally(), _Window()
-            every = c.train.checkpoint_every_steps
-            saved = every and self.progress.step % every == 0 and update != self.updates_per_epoch - 1
-            if saved:
-                self._save()
-            last_of_epoch = update == end_update - 1  # then _end_epoch evaluates and saves first
-            if not last_of_epoch and self.preemption.should_stop(acc):  # same answer on every rank
-                bar.close()
-                if not saved:
-                    self._save()
-                raise Preempted()
-        bar.close()
-        epoch_done = end_update == self.updates_per_epoch  # else the run ends mid-epoch (max_steps)
-        return self._end_epoch(epoch, epoch_tally, epoch_images / (time.perf_counter() - epoch_start), epoch_done)
+def build_run(config: Config, data: PreparedData) -> Run:
+    c = config
+    accelerator = make_accelerator(c)
+    baked = data.augment_copies > 0
+    if baked and data.augment_size != c.data.image_size:
+        raise ConfigError(
+            f"data.image_size: {c.data.image_size} but {data.directory} holds augmented copies of size "
+            f"{data.augment_size}; set data.image_size={data.augment_size}"
+        )
+    # An epoch is one pass over the source images, also when each is baked K times.
+    layout = layout_for(c, accelerator.num_processes, data.train_samples // max(1, data.augment_copies))
+    layout.check(str(data.directory))
+    lr = scaled_lr(c.optim, layout.images_per_update)
 
-    def _log_window(self, window: "_Window", tally: Tally, tracker, bar) -> None:
-        acc = self.accelerator
-        elapsed = time.perf_counter() - window.start
-        errors = tally.reduce(acc).errors()
-        values = {
-            "train/loss": errors["loss"],
-            "train/top1_error": errors["top1_error"],
-            "train/top5_error": errors["top5_error"],
-            "lr": self.scheduler.get_last_lr()[0],
-            "throughput/images_per_sec": window.images * acc.num_processes / max(elapsed, 1e-9),
-            "throughput/data_wait_fraction": window.wait / max(elapsed, 1e-9),
-        }
-        aux = window.mean_losses()[1:]
-        for i, value in enumerate(aux, start=1):
-            values[f"train/loss_aux{i}"] = value
-        if acc.device.type == "cuda":
-            values["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if tracker is not None:
-            tracker.log(values, step=self.progress.step)
-            bar.set_postfix(loss=f"{errors['loss']:.3f}", err=f"{errors['top1_error']:.3f}",
-                            ips=f"{values['throughput/images_per_sec']:.0f}")
+    model = build_network(c, data.num_classes)
+    optimizer = build_optimizer(model, lr, c.optim)
+    # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
+    scheduler = build_scheduler(optimizer, c.schedule, layout.updates_per_epoch)
+    if c.model.compile:  # before prepare, so that DDP wraps the compiled module (no_sync works)
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ema, decay = None, None
+    if c.ema.enabled:
+        decay = ema_decay(c.ema, layout.images_per_update, layout.epoch_images)
+        bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+        ema = AveragedModel(bare, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
 
-    def _end_epoch(self, epoch: int, tally: Tally, images_per_sec: float, epoch_done: bool) -> dict:
-        acc, c = self.accelerator, self.config
-        step = self.progress.step
-        final = step >= self.total_updates
-        record = {"epoch": epoch + 1 if epoch_done else epoch + step % self.updates_per_epoch / self.updates_per_epoch,
-                  "step": step}
-        if (epoch + 1) % c.train.eval_every_epochs == 0 or final:
-            train = tally.reduce(acc).errors()
-            self._sync_buffers()
-            models = [self._bare_model()] + ([self.ema.module] if self.ema is not None else [])
-            val, *averaged = self.evaluate(models)
-            record.update({
-                "train_top1_error": train["top1_error"], "train_top5_error": train["top5_error"],
-                "train_loss": train["loss"], "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"],
-                "val_loss": val["loss"], "val_samples": val["count"],
-                "images_per_sec": images_per_sec * acc.num_processes,
-            })
-            values = {"val/top1_error": val["top1_error"], "val/top5_error": val["top5_error"], "val/loss": val["loss"]}
-            if averaged:
-                ema = averaged[0]
-                record.update({"ema_val_top1_error": ema["top1_error"], "ema_val_top5_error": ema["top5_error"]})
-                values.update({"val_ema/top1_error": ema["top1_error"], "val_ema/top5_error": ema["top5_error"]})
-            if acc.is_main_process:
-                acc.get_tracker("tensorboard").log(values, step=step)
-            tracking.append_metrics(acc, self.run_dir, record)
-            self.log(
-                f"epoch {record['epoch']:g}: step {step}, train loss {train['loss']:.3f}, "
-                f"train top-1 error {train['top1_error']:.3f}, val top-1/top-5 error "
-                f"{val['top1_error']:.3f}/{val['top5_error']:.3f}"
-                + (f" (EMA {record['ema_val_top1_error']:.3f}/{record['ema_val_top5_error']:.3f})" if self.ema else "")
-                + f", {record['images_per_sec']:.0f} img/s"
-            )
-            best = self.progress.best_val_top1_error
-            is_best = best is None or val["top1_error"] < best
-            if is_best:
-                self.progress.best_val_top1_error = val["top1_error"]
-            path = self._save()
-            if is_best:
-                self.checkpoints.mark_best(path, val["top1_error"], step)
-        else:
-            self._save()
+    a = c.data.augment
+    photometric = augment.PhotometricSpec(
+        *(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)), a.random_order, a.lighting_std
+    )
+    distort = not baked and (any((a.brightness, a.contrast, a.saturation)) or a.lighting_std > 0)
+    # Batched on the GPU; without one, per image in the WebDataset loader workers, which run
+    # in parallel (the same code, hence the same distribution, either way). FFCV's pipeline
+    # has no place for it, so there it is always batched in the training process.
+    in_workers = distort and accelerator.device.type == "cpu" and data.format == "webdataset"
+    run_input = make_input(c, data, accelerator, layout, photometric if in_workers else None)
+    return Run(
+        config=c, data=data, accelerator=accelerator, layout=layout, lr=lr, model=model, optimizer=optimizer,
+        scheduler=scheduler, ema=ema, ema_decay=decay, input=run_input,
+        photometric=photometric if distort and not in_workers else None,
+        checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
+        preemption=PreemptionWatch().install(),
+    )
+
+
+def make_input(c: Config, data: PreparedData, accelerator: Accelerator, layout: BatchLayout,
+               photometric_in_workers: augment.PhotometricSpec | None):
+    a = c.data.augment
+    crop = augment.CropSpec(tuple(a.crop_area), tuple(a.crop_ratio), tuple(a.interpolations), a.flip) if a.crop else None
+    eval_resize = eval_resize_for(c.data.image_size, c.data.eval_resize)
+    eval_batch_size = c.data.eval_batch_size or 2 * c.data.batch_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if data.format == "ffcv":
+        from .ffcv_data import FFCVInput
+
+        if accelerator.is_main_process:
+            tqdm.write("data.format ffcv: crops are resized with OpenCV's INTER_AREA; "
+                       "data.augment.interpolations does not apply (see README, FFCV)", file=sys.stderr)
+        return FFCVInput(
+            data, batch_size=c.data.batch_size, eval_batch_size=eval_batch_size,
+            batches_per_epoch=layout.batches_per_epoch, rank=rank, world_size=world,
+            seed=c.seed, workers=c.data.workers, image_size=c.data.image_size, eval_resize=eval_resize,
+            crop_area=crop.area if crop else None, crop_ratio=tuple(a.crop_ratio),
+            flip=crop is not None and crop.flip, os_cache=c.data.ffcv_os_cache,
+        )
+    train = TrainStream(
+        data.train, batch_size=c.data.batch_size, batches_per_epoch=layout.batches_per_epoch, rank=rank,
+        world_size=world, seed=c.seed, image_size=c.data.image_size, crop=crop, baked=data.augment_copies > 0,
+        shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric_in_workers,
+        interleave_shards=c.data.interleave_shards,
+    )
+    val = EvalStream(data.val, batch_size=eval_batch_size, rank=rank, world_size=world,
+                     image_size=c.data.image_size, resize=eval_resize)
+    return WebDatasetInput(train, val, c.data.workers, accelerator.device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Run) -> Path:
+    p = run.progress
+    state = {"step": p.step, "skipped_steps": p.skipped_steps, "best": p.best, "layout": run.layout_record()}
+    return run.checkpoints.save(p.step, state)
+
+
+def resume(run: Run) -> None:
+    found = resume_latest(run.checkpoints, run.layout_record())
+    if found is not None:
+        path, state = found
+        run.progress = Progress(state["step"], state.get("skipped_steps", 0), state.get("best", {}))
+        run.log(f"resumed from {path} (step {run.progress.step})")
+
+
+def sync_buffers(run: Run) -> None:
+    """DDP broadcasts buffers at each forward, so after the last step every rank's batch-norm
+    statistics include its own batch: take rank 0's everywhere before evaluating or saving."""
+    if run.accelerator.num_processes > 1:
+        for buffer in run.bare_model().buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def check_replicas(run: Run) -> None:
+    """DDP keeps the replicas identical; prove it at the end rather than trust it."""
+    acc = run.accelerator
+    bare = run.bare_model()
+    flat = torch.cat([t.detach().double().flatten() for t in (*bare.parameters(), *bare.buffers()) if t.is_floating_point()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    sums = acc.gather(torch.stack([flat.sum(), (flat * weights).sum()])[None]).cpu()
+    if not torch.equal(sums, sums[:1].expand_as(sums)):
+        raise RuntimeError(f"model replicas differ across processes: checksums {sums.tolist()}")
+    run.log(f"parameters identical on all {acc.num_processes} processes")
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
+    acc, c, layout, progress = run.accelerator, run.config, run.layout, run.progress
+    accum = layout.grad_accum
+    start_update = progress.step - epoch * layout.updates_per_epoch
+    end_update = min(layout.updates_per_epoch, layout.total_updates - epoch * layout.updates_per_epoch)
+    batches = run.input.train_batches(epoch, start_update * accum)
+    epoch_tally, window = Tally(), tracking.LogWindow()
+    epoch_start, epoch_images = time.perf_counter(), 0
+    bar = tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
+               disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True)
+    grid_logged = not c.train.image_grid
+    for update in range(start_update, end_update):
+        step = progress.step
+        for micro in range(accum):
+            wait_start = time.perf_counter()
+            images, labels = next_batch(run, batches, epoch)
+            window.data_wait += time.perf_counter() - wait_start
+            torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
+            generator = (torch.Generator().manual_seed(mix_seed(c.seed, step * accum + micro, acc.process_index, "photo"))
+                         if run.photometric else None)
+            inputs = network_input(images, acc.device, c.model.channels_last, run.photometric, generator)
+            labels = labels.to(acc.device, non_blocking=True)
+            if not grid_logged:
+                tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
+                grid_logged = True
+            # Gradients are all-reduced once per update, on its last micro-batch.
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)
+            with sync, acc.autocast():
+                loss, logits, losses = compute_loss(run.model, inputs, labels, c.model.aux_weight,
+                                                    c.optim.label_smoothing)
+            acc.backward(loss / accum)
+            epoch_tally.add(logits.detach().float(), labels, losses[0] * labels.numel())
+            window.add(logits, labels, losses)
+            epoch_images += labels.numel()
+        applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
+        progress.step += 1
+        progress.skipped_steps += not applied
+        if run.ema is not None and applied and progress.step % c.ema.every == 0:
+            run.ema.update_parameters(run.bare_model())
+        bar.update(1)
+
+        last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
+        if progress.step % c.train.log_every_steps == 0 or last_of_epoch:
+            log_window(run, window, tracker, bar)
+            window = tracking.LogWindow()
+        every = c.train.checkpoint_every_steps
+        saved = bool(every) and progress.step % every == 0 and update != layout.updates_per_epoch - 1
+        if saved:
+            save_checkpoint(run)
+        if not last_of_epoch and run.preemption.should_stop(acc):  # the same answer on every rank
+            bar.close()
+            if not saved:
+                save_checkpoint(run)
+            raise Preempted()
+    bar.close()
+    epoch_done = end_update == layout.updates_per_epoch  # else the run ends mid-epoch (max_steps)
+    return end_epoch(run, epoch, epoch_tally, epoch_images / (time.perf_counter() - epoch_start), epoch_done)
+
+
+def next_batch(run: Run, batches, epoch: int):
+    batch = next(batches, None)
+    if batch is None:
+        raise RuntimeError(
+            f"epoch {epoch + 1}: the loader of process {run.accelerator.process_index} ran out of samples; "
+            f"do the shards in {run.data.directory} hold what the manifest says? "
+            f"(python -m data_prep verify {run.data.directory})"
+        )
+    return batch
+
+
+def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
+    values = window.values(run.accelerator, run.scheduler.get_last_lr()[0])
+    if run.progress.skipped_steps:
+        values["train/skipped_steps"] = run.progress.skipped_steps
+    if tracker is not None:
+        tracker.log(values, step=run.progress.step)
+        bar.set_postfix(loss=f"{values['train/loss']:.3f}", err=f"{values['train/top1_error']:.3f}",
+                        ips=f"{values['throughput/images_per_sec']:.0f}")
+
+
+def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_done: bool) -> dict:
+    """Validate the trained weights and their EMA (every ``eval_every_epochs`` and at the end),
+    log, mark the best of each, and save a checkpoint."""
+    acc, c, progress, layout = run.accelerator, run.config, run.progress, run.layout
+    step = progress.step
+    final = step >= layout.total_updates
+    record = {"epoch": epoch + 1 if epoch_done else epoch + step % layout.updates_per_epoch / layout.updates_per_epoch,
+              "step": step, "lr": run.scheduler.get_last_lr()[0]}
+    if not ((epoch + 1) % c.train.eval_every_epochs == 0 or final):
+        save_checkpoint(run)
         return record
+    train = tally.reduce(acc).errors()
+    sync_buffers(run)
+    models = {"model": run.bare_model()} | ({"ema": run.ema.module} if run.ema is not None else {})
+    results = dict(zip(models, validate(list(models.values()), run.input.val_batches(), acc,
+                                        channels_last=c.model.channels_last, expected=run.data.val_samples,
+                                        where=str(run.data.directory))))
+    val = results["model"]
+    record.update({
+        "train_top1_error": train["top1_error"], "train_top5_error": train["top5_error"], "train_loss": train["loss"],
+        "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"], "val_loss": val["loss"],
+        "val_samples": val["count"], "images_per_sec": images_per_sec * acc.num_processes,
+    })
+    values = {"val/top1_error": val["top1_error"], "val/top5_error": val["top5_error"], "val/loss": val["loss"]}
+    if "ema" in results:
+        ema = results["ema"]
+        record.update({"ema_val_top1_error": ema["top1_error"], "ema_val_top5_error": ema["top5_error"]})
+        values.update({"val_ema/top1_error": ema["top1_error"], "val_ema/top5_error": ema["top5_error"]})
+    if acc.is_main_process:
+        acc.get_tracker("tensorboard").log(values, step=step)
+    tracking.append_metrics(acc, run.run_dir, record)
+    run.log(
+        f"epoch {record['epoch']:g}: step {step}, train loss {train['loss']:.3f}, "
+        f"train top-1 error {train['top1_error']:.3f}, val top-1/top-5 error {val['top1_error']:.3f}/{val['top5_error']:.3f}"
+        + (f" (EMA {record['ema_val_top1_error']:.3f}/{record['ema_val_top5_error']:.3f})" if "ema" in results else "")
+        + f", {record['images_per_sec']:.0f} img/s"
+    )
+    improved = [kind for kind, r in results.items() if r["top1_error"] < progress.best.get(kind, float("inf"))]
+    for kind in improved:
+        progress.best[kind] = results[kind]["top1_error"]
+    path = save_checkpoint(run)
+    for kind in improved:
+        run.checkpoints.mark_best(kind, path, results[kind]["top1_error"], step)
+    return record
 
 
-class _Window:
-    """What happened since the last log line (this process only; errors come from a Tally)."""
-
-    def __init__(self):
-        self.start, self.wait, self.images, self.batches = time.perf_counter(), 0.0, 0, 0
-        self.loss_sums: torch.Tensor | None = None
-
-    def add(self, losses: torch.Tensor, images: int) -> None:
-        self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
-        self.images += images
-        self.batches += 1
-
-    def mean_losses(self) -> list[float]:
-        return [] if self.loss_sums is None else (self.loss_sums / self.batches).tolist()
+def describe(run: Run) -> str:
+    c, layout, acc, data = run.config, run.layout, run.accelerator, run.data
+    lr = (f"lr {run.lr:.6g} (optim.lr {c.optim.lr:g} at {c.optim.lr_base_batch} images, {c.optim.lr_scaling} "
+          f"scaling to {layout.images_per_update})")
+    ema = f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs)" if run.ema else ""
+    return (f"{c.model.name}: {data.train_samples} training / {data.val_samples} validation images, "
+            f"{data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}, "
+            f"{layout.updates_per_epoch} updates per epoch of {layout.images_per_update} images, "
+            f"{layout.total_updates} updates in all, {lr}{ema}")
 
 
-def run(config: Config) -> dict:
+def fit(run: Run) -> dict:
+    acc, c = run.accelerator, run.config
+    started = time.perf_counter()
+    if acc.is_main_process:
+        (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    resume(run)  # before config.yaml is rewritten: a refused resume keeps the original
+    if acc.is_main_process:
+        (run.run_dir / "config.yaml").write_text(dump(c))
+        write_classes(run.run_dir, run.data.classes)  # for evaluation and prediction
+    tracking.start_tracking(acc, run.run_dir, run.progress.step, dump(c))
+    tracker = acc.get_tracker("tensorboard") if acc.is_main_process else None
+    if tracker is not None and run.progress.step == 0:  # what the recipe became at this scale
+        tracker.log({"recipe/lr": run.lr, **({"recipe/ema_decay": run.ema_decay} if run.ema else {})}, step=0)
+    run.log(describe(run))
+    last_record: dict = {}
+    run.model.train()
+    try:
+        while run.progress.step < run.layout.total_updates:
+            epoch = run.progress.step // run.layout.updates_per_epoch
+            last_record = train_one_epoch(run, epoch, tracker) or last_record
+            if run.progress.step < run.layout.total_updates and run.preemption.should_stop(acc):
+                raise Preempted()  # end_epoch has just written the checkpoint
+    except Preempted:
+        outcome = run.preemption.requeue() if acc.is_main_process else ""
+        run.log(f"stopped at step {run.progress.step} on request, checkpoint written; {outcome}")
+        acc.end_training()
+        return {"preempted_at_step": run.progress.step}
+    sync_buffers(run)
+    check_replicas(run)
+    result = (f", validation top-1/top-5 error {last_record['val_top1_error']:.3f}/{last_record['val_top5_error']:.3f}"
+              if "val_top1_error" in last_record else "")
+    skipped = f", {run.progress.skipped_steps} fp16 steps skipped" if run.progress.skipped_steps else ""
+    run.log(f"done in {time.perf_counter() - started:.0f}s{result}{skipped}. "
+            f"TensorBoard: tensorboard --logdir {run.run_dir / tracking.TRACKER_DIR}")
+    acc.end_training()
+    return last_record
+
+
+def train(config: Config) -> dict:
+    """Open the prepared data a configuration names (preparing the demo's on first use) and train."""
     if config.data.format == "ffcv":
         from .ffcv_data import require_ffcv
 
         require_ffcv()  # before any data is prepared or opened
-    if config.data.dir is None:
-        directory = _prepare_demo_once(Path(config.data.demo_root), config.data.format)
-    else:
-        directory = Path(config.data.dir)
+    directory = _prepare_demo_once(Path(config.data.demo_root), config.data.format) if config.data.dir is None \
+        else Path(config.data.dir)
     try:
         data = open_prepared(directory)
     except PrepError as exc:
@@ -495,7 +415,7 @@ def run(config: Config) -> dict:
             f"data.format: {config.data.format}, but {directory / 'manifest.json'} describes {data.format} files "
             f"(set data.format={data.format}, or prepare them with 'python -m data_prep {'ffcv' if config.data.format == 'ffcv' else 'shards'}')"
         )
-    return Trainer(config, data).train()
+    return fit(build_run(config, data))
 
 
 def _prepare_demo_once(root: Path, data_format: str) -> Path:

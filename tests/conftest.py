@@ -28,6 +28,27 @@ def tiny_data(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def baked_data(tmp_path_factory) -> Path:
+    """32 good source images and a corrupt one, baked into 3 copies each, in shards of 5."""
+    from data_prep.plan import PrepParams
+    from data_prep.synthetic import SyntheticSpec, generate
+    from data_prep.writer import run
+
+    root = tmp_path_factory.mktemp("baked")
+    images = root / "images"
+    generate(images, SyntheticSpec(num_classes=4, train_per_class=8, val_per_class=1, min_side=40, max_side=72, seed=2))
+    first_class = sorted((images / "train").iterdir())[0]
+    (first_class / "corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
+    params = PrepParams(
+        train=str(images / "train"), val=str(images / "val"), val_labels=str(images / "val_labels.txt"),
+        shard_size=5, augment_copies=3, augment_size=32,
+    )
+    manifest = run(params, root / "shards")
+    assert manifest["splits"]["train"]["skipped"] == 1 and manifest["splits"]["train"]["samples"] == 3 * 32
+    return root / "shards"
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

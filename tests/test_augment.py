@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from scipy import stats
 import torch
 import torchvision.transforms.functional as TF1
 import torchvision.transforms.v2.functional as TF
@@ -92,14 +93,96 @@ def test_sample_crop_interpolation_and_flip_frequencies(crops):
     assert abs(np.mean([c.flip for c in crops]) - 0.5) < 0.02
 
 
-def test_sample_crop_matches_torchvision_statistics(crops):
+# Distribution checks against torchvision's RandomResizedCrop.get_params (which sample_crop
+# follows step by step, fallback included): 20,000 draws of each on the same image, compared
+# feature by feature with a chi-square test of homogeneity. CROP_ALPHA is the level: the
+# deliberately wrong samplers below give p-values far under it (most < 1e-9).
+CROP_DRAWS = 20_000
+CROP_ALPHA = 1e-4
+# A 4:3 photo, and a 10:3 strip on which most draws are rejected and some fall back.
+CROP_IMAGES = [(500, 375), (400, 120)]
+CROP_FEATURES = ("area", "log_aspect", "centre_x", "centre_y")
+
+
+def crop_features(boxes, width: int, height: int) -> dict[str, np.ndarray]:
+    """Relative area, log aspect ratio (w/h) and normalised centre of (top, left, h, w) boxes."""
+    top, left, h, w = np.array(boxes, dtype=np.float64).T
+    return {"area": h * w / (width * height), "log_aspect": np.log(w / h),
+            "centre_x": (left + w / 2) / width, "centre_y": (top + h / 2) / height}
+
+
+def same_distribution_p(a: np.ndarray, b: np.ndarray, bins: int = 30) -> float:
+    """Chi-square test that two samples come from one distribution, on counts in bins cut at
+    the pooled sample's quantiles (every bin well filled; discrete values may merge some)."""
+    edges = np.unique(np.quantile(np.concatenate([a, b]), np.linspace(0, 1, bins + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    counts = np.stack([np.histogram(a, edges)[0], np.histogram(b, edges)[0]])
+    return stats.chi2_contingency(counts[:, counts.sum(0) > 0])[1]
+
+
+@pytest.fixture(scope="module")
+def torchvision_crops() -> dict[tuple[int, int], dict[str, np.ndarray]]:
     from torchvision.transforms import RandomResizedCrop
+
     torch.manual_seed(0)
-    img = torch.empty(1, 375, 500)
-    tv = [RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
-    tv_frac = np.mean([h * w / (500 * 375) for _, _, h, w in tv])
-    ours = np.mean([c.width * c.height / (500 * 375) for c in crops])
-    assert abs(tv_frac - ours) < 0.02
+    found = {}
+    for width, height in CROP_IMAGES:
+        image = torch.empty(1, height, width)
+        boxes = [RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(CROP_DRAWS)]
+        found[width, height] = crop_features(boxes, width, height)
+    return found
+
+
+def drawn_features(sampler, width: int, height: int) -> dict[str, np.ndarray]:
+    rng = random.Random(1)
+    return crop_features([sampler(width, height, rng) for _ in range(CROP_DRAWS)], width, height)
+
+
+def ours(width, height, rng):
+    c = sample_crop(width, height, CropSpec(), rng)
+    return c.top, c.left, c.height, c.width
+
+
+def variant(width, height, rng, *, area=(0.08, 1.0), log_uniform=True, clamp_corner=False, redraw=True, tries=10):
+    """torchvision's algorithm written out again, with knobs for plausible mistakes."""
+    lo, hi = 3 / 4, 4 / 3
+    for _ in range(tries):
+        target = width * height * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(math.log(lo), math.log(hi))) if log_uniform else rng.uniform(lo, hi)
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if not redraw:
+            w, h = min(w, width), min(h, height)
+        if 0 < w <= width and 0 < h <= height:
+            if clamp_corner:
+                return min(rng.randint(0, height - 1), height - h), min(rng.randint(0, width - 1), width - w), h, w
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    ratio = width / height
+    w, h = (width, round(width / lo)) if ratio < lo else (round(height * hi), height) if ratio > hi else (width, height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("image", CROP_IMAGES)
+@pytest.mark.parametrize("sampler", [ours, variant], ids=["sample_crop", "reference_variant"])
+def test_sample_crop_distribution_matches_torchvision(torchvision_crops, image, sampler):
+    drawn = drawn_features(sampler, *image)
+    p = {f: same_distribution_p(drawn[f], torchvision_crops[image][f]) for f in CROP_FEATURES}
+    assert min(p.values()) > CROP_ALPHA, p
+
+
+@pytest.mark.parametrize("mistake, caught_by", [
+    (dict(area=(0.10, 1.0)), ["area"]),
+    (dict(area=(0.08, 0.9)), ["area"]),
+    (dict(log_uniform=False), ["log_aspect"]),  # aspect ratio uniform instead of log-uniform
+    (dict(clamp_corner=True), ["centre_x", "centre_y"]),  # corner anywhere, then pushed inside
+    (dict(redraw=False), CROP_FEATURES),  # a crop too big is clamped to the image, not redrawn
+    (dict(tries=3), ["area"]),  # the central fallback after 3 failed draws instead of 10
+], ids=["area_from_0.10", "area_to_0.9", "uniform_aspect", "clamped_corner", "clamped_size", "3_tries"])
+def test_crop_distribution_check_catches_wrong_samplers(torchvision_crops, mistake, caught_by):
+    """The check above would fail for each of these mistakes, on both images."""
+    for image in CROP_IMAGES:
+        drawn = drawn_features(lambda w, h, rng: variant(w, h, rng, **mistake), *image)
+        for feature in caught_by:
+            assert same_distribution_p(drawn[feature], torchvision_crops[image][feature]) < CROP_ALPHA, (image, feature)
 
 
 def test_sample_crop_no_flip_and_restricted_interpolations():
@@ -110,10 +193,16 @@ def test_sample_crop_no_flip_and_restricted_interpolations():
     assert {p.interpolation for p in params} == {"bicubic"}
 
 
-def test_sample_crop_fallback_clamps_ratio():
-    # A 10:1 strip can never fit the (3/4, 4/3) ratio at the required area: fallback path.
-    p = sample_crop(1000, 100, CropSpec(area=(0.9, 1.0)), random.Random(0))
-    assert (p.height, p.width) == (100, 133) and p.left == (1000 - 133) // 2 and p.top == 0
+@pytest.mark.parametrize("width, height", [(1000, 100), (100, 1000)])
+def test_sample_crop_fallback_clamps_ratio_as_torchvision(width, height):
+    # A 10:1 strip can never fit the (3/4, 4/3) ratio at the required area: fallback path,
+    # which is deterministic, so it must be torchvision's box exactly.
+    from torchvision.transforms import RandomResizedCrop
+
+    p = sample_crop(width, height, CropSpec(area=(0.9, 1.0)), random.Random(0))
+    assert sorted((p.height, p.width)) == [100, 133] and min(p.left, p.top) == 0
+    expected = RandomResizedCrop.get_params(torch.empty(1, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
+    assert (p.top, p.left, p.height, p.width) == expected
 
 
 def test_sample_crop_deterministic():
@@ -145,9 +234,22 @@ def test_photometric_spec_validation(kwargs, field):
         PhotometricSpec(**kwargs)
 
 
-def test_specs_accept_valid_values():
-    assert CropSpec(area=(1.0, 1.0), ratio=(1.0, 1.0)).area == (1.0, 1.0)
-    assert PhotometricSpec(brightness=None, contrast=(0.0, 0.0), lighting_std=0.1).brightness is None
+def test_boundary_specs_are_accepted_and_act_as_they_say():
+    def boxes(width, height):
+        rng = random.Random(0)
+        crops = [sample_crop(width, height, CropSpec(area=(1.0, 1.0), ratio=(1.0, 1.0)), rng) for _ in range(20)]
+        return {(c.left, c.top, c.width, c.height) for c in crops}
+
+    # Whole area at ratio 1: the full square image; on a 4:3 image no draw fits, so the
+    # fallback takes the central square.
+    assert boxes(64, 64) == {(0, 0, 64, 64)}
+    assert boxes(80, 60) == {(10, 0, 60, 60)}
+    # Contrast 0 blends every image into its mean grey; brightness and saturation off leave it so.
+    spec = PhotometricSpec(brightness=None, contrast=(0.0, 0.0), saturation=None)
+    x = torch.rand(3, 3, 5, 5)
+    out = photometric_distort(x, spec, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, torch.stack([TF.adjust_contrast(i, 0.0) for i in x]), atol=1e-6, rtol=0)
+    assert out.flatten(1).std(1).max() < 1e-6
 
 
 # ----------------------------------------------------------------------------- crop / decode

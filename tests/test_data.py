@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +94,193 @@ def test_validation_counts_every_sample_exactly_once(tiny_data, world, workers):
     assert sum(seen.values()) == data.val_samples == 16
     assert seen == {int(k): v for k, v in manifest["splits"]["val"]["class_counts"].items()}
     assert len(set(pixels)) == 16  # sixteen different images, none twice
+
+
+# ----------------------------------------------------------------------------- sample keys
+# The tests below follow individual samples by key through TrainStream.lane_samples, which is
+# what __iter__ decodes (test_loader_batches_are_the_decoded_lane_samples ties the two together).
+
+def key_stream(data, rank=0, world=1, batch_size=5, seed=0, **kwargs):
+    """A TrainStream whose epochs are read as keys; the defaults drop a remainder at every world size."""
+    epoch_samples = data.train_samples // max(1, data.augment_copies)
+    options = {"crop": None, "baked": data.augment_copies > 0, "shuffle_buffer": 20, **kwargs}
+    return TrainStream(data.train, batch_size=batch_size, batches_per_epoch=epoch_samples // (batch_size * world),
+                       rank=rank, world_size=world, seed=seed, image_size=32, eval_resize=36, **options)
+
+
+def lane_keys(stream, lane, lanes) -> list[str]:
+    return [key for key, _, _ in stream.lane_samples(lane, lanes)]
+
+
+def shard_keys(url: str) -> list[str]:
+    """A shard's sample keys in file order, read with tarfile (independently of pipeline.data)."""
+    with tarfile.open(url) as tar:
+        return list(dict.fromkeys(name.split(".", 1)[0] for name in tar.getnames()))
+
+
+def epoch_sequence(stream) -> list[str]:
+    """The keys of the stream's current epoch in shard-sequence order (before any slot cuts it)."""
+    return [key for shard in stream.epoch_shards() for key in shard_keys(shard.url)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_slots_partition_the_epoch_exactly(tiny_data, world, lanes):
+    data = open_prepared(tiny_data)
+    batch = 5
+    used = world * (96 // (batch * world)) * batch  # 95, 90, 90: the remainder is dropped
+    assert 0 < 96 - used < world * batch
+    slots = []
+    for rank in range(world):
+        stream = key_stream(data, rank, world, batch)
+        stream.set_epoch(2)
+        for lane in range(lanes):
+            keys = lane_keys(stream, lane, lanes)
+            assert len(keys) == len(range(lane, stream.batches_per_epoch, lanes)) * batch
+            slots.append(keys)
+    read = [key for keys in slots for key in keys]
+    assert len(read) == len(set(read)) == used  # no key in two slots, none twice in one
+    sequence = epoch_sequence(stream)
+    all_keys = {key for shard in data.train for key in shard_keys(shard.url)}
+    assert len(sequence) == 96 and set(sequence) == all_keys
+    assert set(read) == set(sequence[:used])  # everything but the tail of the epoch's sequence
+
+
+def test_epochs_differ_in_order_and_repeat_exactly(tiny_data):
+    data = open_prepared(tiny_data)
+
+    def epoch(e):
+        keys = []
+        for rank in range(2):
+            stream = key_stream(data, rank, 2, batch_size=4)
+            stream.set_epoch(e)
+            keys += [lane_keys(stream, lane, 2) for lane in range(2)]
+        return keys
+
+    first, second = epoch(0), epoch(1)
+    assert epoch(0) == first  # new streams, same (seed, epoch): the same keys in the same order
+    assert {k for lane in first for k in lane} == {k for lane in second for k in lane}  # 96 = 2 x 12 x 4: all
+    assert all(a != b for a, b in zip(first, second))  # every slot's order differs
+    assert set(first[0]) != set(second[0])  # and so does which samples a slot gets
+
+
+def window_recurrence(data, interleave_shards: int, window: int = 2) -> float:
+    """Of each sample's neighbours (the keys within ``window`` places in its lane's order), the
+    fraction that are its neighbours again in the next epoch, averaged over four epoch pairs."""
+    stream = key_stream(data, batch_size=4, shuffle_buffer=2, interleave_shards=interleave_shards)
+
+    def neighbours(epoch):
+        stream.set_epoch(epoch)
+        found = {}
+        for lane in range(2):
+            keys = lane_keys(stream, lane, 2)
+            for i, key in enumerate(keys):
+                found[key] = set(keys[max(0, i - window):i] + keys[i + 1:i + 1 + window])
+        return found
+
+    epochs = [neighbours(e) for e in range(5)]
+    kept = sum(len(a[k] & b[k]) for a, b in zip(epochs, epochs[1:]) for k in a)
+    return kept / sum(len(a[k]) for a in epochs[:-1] for k in a)
+
+
+def test_interleaving_changes_each_samples_neighbours_between_epochs(tiny_data):
+    data = open_prepared(tiny_data)
+    # One shard at a time through a small buffer: a sample meets mostly its shard-mates (shards
+    # of 5 here), whatever the epoch, which is what interleaving is for.
+    assert window_recurrence(data, interleave_shards=1) > 0.3
+    assert window_recurrence(data, interleave_shards=4) < 0.2
+
+
+def test_loader_batches_are_the_decoded_lane_samples(tiny_data):
+    """The real DataLoader with 2 workers yields, batch after batch, lane (batch index mod 2)'s
+    samples decoded, so the key-level tests above speak for what the trainer gets."""
+    data = open_prepared(tiny_data)
+    stream = key_stream(data, rank=1, world=2, batch_size=4)
+    stream.set_epoch(5)
+    loaded = batches_of(stream, 2)
+    lanes = [list(stream.lane_samples(lane, 2)) for lane in range(2)]
+    expected = []
+    for index in range(stream.batches_per_epoch):
+        samples = lanes[index % 2][index // 2 * 4:][:4]
+        expected.append((torch.stack([augment.decode_center_crop(jpg, 32, 36) for _, jpg, _ in samples]),
+                         torch.tensor([label for _, _, label in samples])))
+    assert len(loaded) == len(expected) == 12
+    for (x, y), (xe, ye) in zip(loaded, expected):
+        assert torch.equal(x, xe) and torch.equal(y, ye)
+
+
+# ----------------------------------------------------------------------------- baked copies
+
+def source_and_copy(key: str) -> tuple[str, int]:
+    """``00000042_n01440764_3_copy1`` -> (the source image's part, 1); positions differ per copy."""
+    stem, copy = key.rsplit("_copy", 1)
+    return stem.split("_", 1)[1], int(copy)
+
+
+def test_baked_groups_are_consecutive_equal_and_checked(baked_data, tmp_path):
+    data = open_prepared(baked_data)
+    assert data.augment_copies == 3 and data.train_samples == 96
+    groups = [s.group for s in data.train]
+    assert groups == sorted(groups) and set(groups) == {0, 1, 2}  # consecutive runs of shards
+    for group in range(3):
+        keys = [k for s in data.train if s.group == group for k in shard_keys(s.url)]
+        sources = [source_and_copy(k)[0] for k in keys]
+        assert len(sources) == len(set(sources)) == 32  # every good source once, the corrupt one in none
+        assert {source_and_copy(k)[1] for k in keys} == {group}
+
+    copy = tmp_path / "copy"
+    shutil.copytree(baked_data, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["group"] = 1  # group 0 one shard short, group 1 one long
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    expected = f"{copy / 'manifest.json'}: training shards should form copy groups"
+    with pytest.raises(PrepError, match=re.escape(expected)):
+        open_prepared(copy)
+    for shard in manifest["splits"]["train"]["shards"]:
+        del shard["group"]  # as written before copy groups: all would be read in every epoch
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PrepError, match="copy groups"):
+        open_prepared(copy)
+
+
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 4), (1, 5), (2, 5)])
+def test_baked_epoch_sees_every_source_image_once_from_one_copy(baked_data, world, batch):
+    data = open_prepared(baked_data)
+    used = world * (32 // (batch * world)) * batch  # 32, 32, 30, 30
+    streams = [key_stream(data, rank, world, batch, interleave_shards=3) for rank in range(world)]
+    seen: dict[str, dict[int, int]] = {}  # source image -> {epoch: copy read}
+    for epoch in range(6):
+        read = []
+        for stream in streams:
+            stream.set_epoch(epoch)
+            read += [key for lane in range(2) for key in lane_keys(stream, lane, 2)]
+        sources = [source_and_copy(k)[0] for k in read]
+        assert len(sources) == len(set(sources)) == used  # each source at most once, all but the remainder
+        assert {source_and_copy(k)[1] for k in read} == {epoch % 3}
+        assert set(read) == set(epoch_sequence(streams[0])[:used])
+        for key in read:
+            source, copy = source_and_copy(key)
+            seen.setdefault(source, {})[epoch] = copy
+    assert len(seen) == 32
+    for start in range(4):  # any 3 consecutive epochs: 3 different copies (fewer if dropped in one)
+        for by_epoch in seen.values():
+            copies = [by_epoch[e] for e in range(start, start + 3) if e in by_epoch]
+            assert len(copies) == len(set(copies)) and (used < 32 or len(copies) == 3)
+
+
+def test_baked_epoch_longer_than_a_copy_group_is_refused(baked_data):
+    data = open_prepared(baked_data)
+    stream = TrainStream(data.train, batch_size=4, batches_per_epoch=data.train_samples // 4, rank=0, world_size=1,
+                         seed=0, image_size=32, crop=None, baked=True, shuffle_buffer=0, eval_resize=32)
+    with pytest.raises(ValueError, match="exceed the epoch's 32 training samples"):
+        next(stream.lane_samples(0, 1))
+
+
+def test_baked_epoch_through_the_loader(baked_data):
+    data = open_prepared(baked_data)
+    stream = key_stream(data, batch_size=4)
+    stream.set_epoch(4)
+    batches = batches_of(stream, 2)
+    assert len(batches) == 8 and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8 for x, _ in batches)
+    labels = [label for lane in range(2) for _, _, label in stream.lane_samples(lane, 2)]
+    assert sorted(int(v) for _, y in batches for v in y) == sorted(labels)

@@ -75,6 +75,10 @@ def test_training_order_is_shuffled_globally_and_deterministically(tmp_path):
     other = run(PrepParams(train=str(tmp_path / "train"), shard_size=10, seed=4), tmp_path / "other")
     shas = lambda m: [s["sha256"] for s in m["splits"]["train"]["shards"]]  # noqa: E731
     assert shas(same) == shas(manifest) != shas(other)
+    # Without baked copies every training shard is in copy group 0, read in every epoch; the
+    # plan does not mention groups, so preparations from before groups existed still resume.
+    assert {s["group"] for s in manifest["splits"]["train"]["shards"]} == {0}
+    assert "group" not in (out / manifest_mod.PLAN_FILE).read_text()
 
 
 def test_validation_keeps_its_order_with_text_labels(tmp_path):
@@ -250,20 +254,48 @@ def test_shard_size_by_bytes(tmp_path):
         assert sum(len(files[n]) for n in names) <= budget
 
 
-def test_augmented_copies(tmp_path):
+def test_augmented_copies_form_one_shard_group_per_copy_and_resume(tmp_path, capsys):
     class_folders(tmp_path / "train", {"a": 3, "b": 3})
     class_folders(tmp_path / "val", {"a": 1, "b": 1})
-    out, manifest = prep(tmp_path, train=str(tmp_path / "train"), val=str(tmp_path / "val"), augment_copies=3, augment_size=32)
+    (tmp_path / "train" / "a" / "broken.JPEG").write_bytes(b"")  # skipped in every copy
+    params = PrepParams(train=str(tmp_path / "train"), val=str(tmp_path / "val"), shard_size=4,
+                        augment_copies=3, augment_size=32)
+    out = tmp_path / "out"
+    manifest = run(params, out)
     train = manifest["splits"]["train"]
-    assert train["augment_copies"] == 3 and train["samples"] == 18 and train["found"] == 6 and train["written"] == 6
+    assert train["augment_copies"] == 3 and train["samples"] == 18
+    assert (train["found"], train["written"], train["skipped"]) == (7, 6, 1) and len(manifest["skipped"]) == 1
     assert manifest["splits"]["val"]["augment_copies"] == 0 and manifest["parameters"]["augment_copies"] == 3
+    # 7 sources in shards of 4: two shards per copy (4 + 3 planned), the groups consecutive runs
+    assert [s["group"] for s in train["shards"]] == [0, 0, 1, 1, 2, 2]
+    assert all("group" not in s for s in manifest["splits"]["val"]["shards"])
     samples = read_back(out, "train")
+    groups = [s["group"] for s in train["shards"] for _ in range(s["samples"])]
+    keys = [k for s in train["shards"]
+            for (k,) in wds.WebDataset(str(out / s["name"]), shardshuffle=False).to_tuple("__key__")]
+    assert len(set(keys)) == 18 and all(k.endswith(f"_copy{g}") for k, g in zip(keys, groups))
+    assert all(meta["copy"] == g for (_, _, meta), g in zip(samples, groups))
+    orders = [[m["name"] for (_, _, m), g in zip(samples, groups) if g == group] for group in range(3)]
+    for names in orders:
+        assert sorted(names) == sorted(f"{c}/{c}_{i}.JPEG" for c in "ab" for i in range(3))  # each source once
+    assert len({tuple(names) for names in orders}) == 3  # each copy in its own shuffle
     copies: dict[str, list[bytes]] = {}
     for jpg, _, meta in samples:
         assert Image.open(io.BytesIO(jpg)).size == (32, 32)
         copies.setdefault(meta["name"], []).append(jpg)
     assert all(len(v) == 3 and len(set(v)) == 3 for v in copies.values())  # independent draws
     assert all(Image.open(io.BytesIO(j)).size != (32, 32) for j, _, _ in read_back(out, "val"))
+
+    # A shard of the middle group lost: a re-run writes only that one, and the same bytes.
+    before = (out / "manifest.json").read_bytes()
+    lost = train["shards"][3]["name"]
+    (out / lost).unlink()
+    (out / manifest_mod.PARTS_DIR / f"{lost}.json").unlink()
+    (out / "manifest.json").unlink()
+    capsys.readouterr()
+    run(params, out)
+    assert "7 shards planned, 7 for task 0/1, 6 already complete; writing 1 (3 samples)" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
 
 
 def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, subprocess_env
 from pipeline.config import ConfigError, load_config
 from pipeline.metrics import Tally, topk_correct
+from pipeline.trainer import build_network
 
 # A small, fast recipe on the tiny dataset (4 classes, 96 training images).
 TINY = ["model.name=googlenet", "data.image_size=32", "data.batch_size=4", "data.workers=1",
@@ -160,14 +162,22 @@ def test_two_processes_train_together_and_log_to_tensorboard(tiny_data, tmp_path
         assert tag in tags, tag
     assert [s for s, _ in tags["val/top1_error"]] == [12, 24]
     assert tags["val/top1_error"][-1][1] == pytest.approx(records[-1]["val_top1_error"])
-    lrs = [v for _, v in tags["lr"]]
-    assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # warm-up, then cosine decay
+    # the logged lr is the schedule's value after each logged update: 0.01 x 8/32 (linear scaling
+    # to 2 x 4 images), half an epoch (6 updates) of warm-up from 0.1x, then cosine to 0 at update 24
+    peak = 0.01 * 8 / 32
+    for step, lr in tags["lr"]:
+        expected = peak * (0.1 + 0.9 * step / 6) if step < 6 else peak * (1 + math.cos(math.pi * (step - 6) / 18)) / 2
+        assert lr == pytest.approx(expected, rel=1e-5, abs=1e-9), step
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     assert len(events.Images("train/augmented_images")) == 2  # one grid per epoch
     assert "config/text_summary" in events.Tags()["tensors"]
     assert (run_dir / "config.yaml").is_file()
-    assert json.loads((run_dir / "checkpoints" / "best.json").read_text())["step"] in (12, 24)
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    for kind, key in (("model", "val_top1_error"), ("ema", "ema_val_top1_error")):  # the best of each
+        winner = min(records, key=lambda r: r[key])  # the first of equals, as the trainer keeps it
+        assert best[kind]["step"] == winner["step"] and best[kind]["val_top1_error"] == pytest.approx(winner[key])
+        assert (run_dir / "checkpoints" / best[kind]["checkpoint"] / "model.safetensors").is_file()
 
 
 def test_two_machines_on_one_host_form_one_group(tiny_data, tmp_path):
@@ -211,3 +221,123 @@ def test_killed_mid_epoch_resumes_to_the_same_parameters(tiny_data, tmp_path):
     assert [s for s, _ in b["train/loss"]] == [s for s, _ in a["train/loss"]] == list(range(1, 37))
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [12, 24, 36]
     assert metrics(tmp_path / "killed")[-1]["val_top1_error"] == pytest.approx(metrics(tmp_path / "straight")[-1]["val_top1_error"])
+
+
+def start_single(*args: str, cwd: Path) -> subprocess.Popen:
+    """``python train.py`` as one process (no launcher), started without waiting for it."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
+    _, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-4000:]
+    return stderr
+
+
+def test_lr_and_ema_decay_follow_the_number_of_processes(tiny_data, tmp_path):
+    """The same recipe and per-process batch on 1 and 2 processes: the lr doubles (linear
+    scaling) and the EMA's per-update decay is squared (the same horizon in images)."""
+    args = [*TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "train.max_steps=1", "ema.enabled=true",
+            "ema.horizon_epochs=1", "train.image_grid=false"]
+    single = start_single(*args, "name=one", cwd=tmp_path)
+    launch(2, *args, "name=two", cwd=tmp_path)
+    stderr = finish(single)
+    assert "lr 0.00125 (optim.lr 0.01 at 32 images, linear scaling to 4)" in stderr
+    one, two = scalars(tmp_path / "one"), scalars(tmp_path / "two")
+    assert one["recipe/lr"][0][1] == pytest.approx(0.01 * 4 / 32, rel=1e-6)
+    assert two["recipe/lr"][0][1] == pytest.approx(2 * one["recipe/lr"][0][1], rel=1e-6)
+    assert one["recipe/ema_decay"][0][1] == pytest.approx(math.exp(-4 / 96), rel=1e-6)  # 96 images an epoch
+    assert two["recipe/ema_decay"][0][1] == pytest.approx(one["recipe/ema_decay"][0][1] ** 2, rel=1e-6)
+
+
+# No dropout and no auxiliary heads, so that two runs differ only in what a test changes.
+EXACT = ["model.aux_logits=false", "model.dropout=0", "train.image_grid=false", "train.log_every_steps=1"]
+
+
+def test_gradient_accumulation_with_no_sync_equals_the_larger_batch(tiny_data, tmp_path):
+    """2 processes x 4 images x 2 accumulated micro-batches (the first without DDP's all-reduce)
+    train the same weights as 2 processes x 8 images: each rank reads the same samples either way."""
+    args = [*TINY, *EXACT, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "train.max_steps=3"]
+    launch(2, *args, "data.batch_size=4", "optim.grad_accum=2", "name=accumulated", cwd=tmp_path)
+    launch(2, *args, "data.batch_size=8", "name=large", cwd=tmp_path)
+    accumulated, large = final_weights(tmp_path / "accumulated"), final_weights(tmp_path / "large")
+    initial = build_network(load_config(tmp_path / "large" / "config.yaml"), 4).state_dict()
+    for name in large:
+        assert not torch.equal(large[name], initial[name]), f"{name} did not train"
+        torch.testing.assert_close(accumulated[name], large[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_clipping_bf16_and_channels_last_against_a_reference_step(tiny_data, tmp_path):
+    """One update from the same initial weights. fp32 with clipping is the reference: momentum
+    starts from the gradient and there is no weight decay, so the update is lr x the clipped
+    gradient, whose norm is exactly lr x clip_grad_norm. channels_last must give the same update;
+    bf16 autocast a close but not identical one."""
+    # An update large enough to stand out of float32 rounding of the weights (about 6M of them).
+    clip = 1e-2
+    args = [*TINY, *EXACT, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "train.max_steps=1", "optim.lr=1.0",
+            "optim.weight_decay=0", f"optim.clip_grad_norm={clip}", "schedule.name=constant", "schedule.warmup_epochs=0"]
+    variants = {"fp32": [], "bf16": ["train.mixed_precision=bf16"], "channels_last": ["model.channels_last=true"]}
+    procs = {name: start_single(*args, *extra, f"name={name}", cwd=tmp_path) for name, extra in variants.items()}
+    for proc in procs.values():
+        finish(proc)
+    initial = build_network(load_config(tmp_path / "fp32" / "config.yaml"), 4).state_dict()
+
+    def update(name: str) -> torch.Tensor:
+        weights = final_weights(tmp_path / name)
+        return torch.cat([(weights[k].float() - initial[k].float()).flatten() for k in sorted(initial)])
+
+    reference, bf16, channels_last = update("fp32"), update("bf16"), update("channels_last")
+    lr = 1.0 * 4 / 32
+    assert reference.norm().item() == pytest.approx(lr * clip, rel=1e-3)
+    torch.testing.assert_close(channels_last, reference, rtol=1e-3, atol=lr * clip * 1e-3)
+    cosine = torch.nn.functional.cosine_similarity(bf16, reference, dim=0).item()
+    assert 0.98 < cosine < 1.0 and bf16.norm().item() == pytest.approx(lr * clip, rel=1e-2)
+
+
+SKIPPED_STEP_SCRIPT = """
+import json, sys, torch
+from pipeline import tracking
+from pipeline.config import load_config
+from pipeline.data import open_prepared
+from pipeline.trainer import build_run, train_one_epoch
+
+config = load_config(None, sys.argv[1:])
+run = build_run(config, open_prepared(config.data.dir))
+# fp16 on a GPU gives Accelerate a GradScaler; on the CPU, torch's CPU GradScaler stands in.
+from accelerate.optimizer import AcceleratedOptimizer
+run.accelerator.scaler = torch.amp.GradScaler("cpu")
+run.optimizer = AcceleratedOptimizer(run.optimizer.optimizer, device_placement=False, scaler=run.accelerator.scaler)
+poisoned_step = 2
+run.bare_model().register_forward_pre_hook(
+    lambda module, inputs: (inputs[0] * float("inf"),) if run.progress.step == poisoned_step else None)
+(run.run_dir / "checkpoints").mkdir(parents=True)
+tracking.start_tracking(run.accelerator, run.run_dir, 0, "")
+train_one_epoch(run, 0, tracker=None)
+print(json.dumps({"step": run.progress.step, "skipped": run.progress.skipped_steps,
+                  "averaged": int(run.ema.n_averaged), "scheduled": run.scheduler.last_epoch}))
+"""
+
+
+def test_a_step_the_grad_scaler_skips_is_counted_and_not_averaged(tiny_data, tmp_path):
+    args = [*TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "name=skip", "schedule.epochs=1",
+            "ema.enabled=true", "train.image_grid=false", "data.workers=0"]
+    result = subprocess.run([sys.executable, "-c", SKIPPED_STEP_SCRIPT, *args], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    updates = 96 // 4
+    # every update consumed its batch and advanced the schedule; the overflowing one was not averaged
+    assert outcome == {"step": updates, "skipped": 1, "averaged": updates - 1, "scheduled": updates}
+
+
+def test_baked_copies_train_one_pass_per_epoch(baked_data, tmp_path):
+    """Baked copies through the real trainer: an epoch is one pass over the 32 source images, not
+    over the 96 baked samples (which copy each epoch reads is checked by key in test_data)."""
+    args = [*TINY, f"data.dir={baked_data}", "schedule.epochs=3", "train.image_grid=false", "data.batch_size=4"]
+    result = launch(2, *args, f"output_dir={tmp_path}", "name=baked", cwd=tmp_path)
+    assert "4 updates per epoch of 8 images, 12 updates in all" in result.stderr
+    records = metrics(tmp_path / "baked")
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 4), (2, 8), (3, 12)]
+    assert all(r["val_samples"] == 4 for r in records)
+    assert [s for s, _ in scalars(tmp_path / "baked")["train/loss"]] == list(range(2, 13, 2))

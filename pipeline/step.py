@@ -1,0 +1,46 @@
+"""One training update: batches onto the device as network inputs, the loss of every head, and
+the optimizer step. Plain functions over the model, optimizer and scheduler (no trainer object),
+so that the epoch loop shows each of them once."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data_prep import augment
+
+from .models import forward_with_aux
+
+
+def network_input(images: torch.Tensor, device: torch.device, channels_last: bool,
+                  photometric: augment.PhotometricSpec | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 NCHW batch from a loader -> (distorted,) normalised float batch on the device."""
+    images = images.to(device, non_blocking=True)
+    if photometric is not None:
+        images = augment.photometric_distort(images, photometric, generator)
+    else:
+        images = images.float().div_(255)
+    images = augment.normalize(images)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def compute_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, aux_weight: float,
+                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Total loss (main + aux_weight x each auxiliary head), main logits, [main, aux...] losses."""
+    out = forward_with_aux(model, images)
+    losses = [F.cross_entropy(x.float(), labels, label_smoothing=label_smoothing) for x in (out.logits, *out.aux)]
+    total = losses[0] + aux_weight * sum(losses[1:]) if len(losses) > 1 else losses[0]
+    return total, out.logits, torch.stack(losses).detach()
+
+
+def optimizer_step(accelerator, model: torch.nn.Module, optimizer, scheduler, clip_grad_norm: float | None) -> bool:
+    """Clip, step, clear the gradients and advance the schedule. Returns False when fp16's
+    GradScaler skipped the step (inf/nan gradients): the weights did not change, so the caller
+    must not average them. The schedule still advances: the learning rate is a function of the
+    data position (the update's batches were consumed), so a skip never shifts the schedule."""
+    if clip_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return not optimizer.step_was_skipped

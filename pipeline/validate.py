@@ -1,0 +1,36 @@
+"""Exact top-1/top-5 error over the whole validation set, in any number of processes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import Tally
+from .models import forward_with_aux
+from .step import network_input
+
+
+@torch.no_grad()
+def validate(models: list[torch.nn.Module], batches, accelerator, *, channels_last: bool,
+             expected: int, where: str) -> list[dict[str, float]]:
+    """Errors and loss of each model; one decoding pass serves all of them (the trained weights
+    and their EMA). Counts are all-reduced and must equal ``expected`` (the manifest's)."""
+    modes = [m.training for m in models]
+    for model in models:
+        model.eval()
+    tallies = [Tally() for _ in models]
+    for images, labels in batches:
+        inputs = network_input(images, accelerator.device, channels_last)
+        labels = labels.to(accelerator.device)
+        for model, tally in zip(models, tallies):
+            with accelerator.autocast():
+                logits = forward_with_aux(model, inputs).logits.float()
+            tally.add(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
+    for model, mode in zip(models, modes):
+        model.train(mode)
+    results = []
+    for tally in tallies:
+        total = tally.reduce(accelerator)
+        if total.count != expected:
+            raise RuntimeError(f"validation counted {total.count} samples, the manifest of {where} says {expected}")
+        results.append({**total.errors(), "count": total.count})
+    return results
