@@ -12,7 +12,7 @@ from .config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _recipe(path: str) -> Path:
+def recipe_path(path: str) -> Path:
     """A recipe path as given, or else relative to the repository (``configs/NAME.yaml``)."""
     given = Path(path)
     if given.is_file() or given.is_absolute() or not (REPO / given).is_file():
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.02 data.batch_size=64")
     args = parser.parse_args(argv)
     try:
-        config = load_config(_recipe(args.config), args.overrides)
+        config = load_config(recipe_path(args.config), args.overrides)
         from .launch import LaunchError
         from .trainer import train
 

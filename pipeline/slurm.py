@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_prep.manifest import PrepError
 
-from .cli import _recipe
+from .cli import recipe_path
 from .config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def sbatch(script: str, cwd: Path, options: list[str]) -> str:
 
 
 def submit_training(args) -> int:
-    config = load_config(_recipe(args.config), args.overrides)  # fail here, not in the queue
+    config = load_config(recipe_path(args.config), args.overrides)  # fail here, not in the queue
     run_dir = config.run_dir.absolute()
     procs = args.procs_per_node if args.procs_per_node is not None else max(1, args.gpus_per_node)
     options = [f"--job-name={args.job_name or 'googlenet-' + config.name}", f"--nodes={args.nodes}",
@@ -78,7 +78,7 @@ def submit_training(args) -> int:
     options += _scheduling(args)
     env = {"GOOGLENET_REPO": str(REPO), "GOOGLENET_PYTHON": sys.executable,
            "GOOGLENET_GPUS_PER_NODE": str(args.gpus_per_node), "GOOGLENET_PROCS_PER_NODE": str(procs)}
-    arguments = ["--config", str(_recipe(args.config).absolute()), *args.overrides]
+    arguments = ["--config", str(recipe_path(args.config).absolute()), *args.overrides]
     script = render(REPO / "slurm" / "train.sbatch", options, arguments, env)
     if args.dry_run:
         print(script)

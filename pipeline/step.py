@@ -3,6 +3,8 @@ the optimizer step. Plain functions over the model, optimizer and scheduler (no 
 so that the epoch loop shows each of them once."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -42,5 +44,9 @@ def optimizer_step(accelerator, model: torch.nn.Module, optimizer, scheduler, cl
         accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return not optimizer.step_was_skipped
+    applied = not optimizer.step_was_skipped
+    with warnings.catch_warnings():
+        if not applied:  # torch warns of a scheduler step before any optimizer step: here it is meant
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+    return applied
