@@ -12,9 +12,21 @@ on 32-px crops is tested the same way.
 - 144 crops: shorter side -> 256, 288, 320 and 352 (x S/224); the left, centre and right squares
   (top, centre, bottom for portrait images); from each square the four corner and the centre
   S x S crops and the square itself resized to S x S; and their mirrors: 4 x 3 x 6 x 2.
+
+The pixels follow the trainer of each storage format, so that the 1-crop row is the trainer's
+validation number:
+
+- WebDataset shards (:func:`crop_stack`): the 1 crop is the trainer's PIL transform (one bilinear
+  box-resize, JPEG decoded at reduced scale where the trainer does); the 10 and 144 crops resize
+  with torchvision's antialiased bilinear.
+- FFCV files (:func:`ffcv_crop_stack`): the 1 crop is FFCV's ``CenterCropRGBImageDecoder``, which
+  the trainer validates with: a centre square of S/``eval_resize`` of the shorter side of the
+  stored image, resized to S x S with OpenCV's INTER_AREA. The 10 and 144 crops keep the geometry
+  above and resize with INTER_AREA too, as FFCV resizes all its crops.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,6 +40,7 @@ CROP_COUNTS = (1, 10, 144)
 PAPER_SCALES = (256, 288, 320, 352)  # shorter sides for 224-px crops (paper, section 7)
 
 Box = tuple[int, int, int, int]  # left, top, width, height
+Resize = Callable[[torch.Tensor, int, int], torch.Tensor]  # (uint8 [H, W, 3], width, height) -> [height, width, 3]
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,14 @@ def centre_crop(width: int, height: int, image_size: int, eval_resize: int) -> l
     return [Crop(resized, five_boxes((0, 0, *resized), image_size)[4])]
 
 
+def ffcv_centre_crop(width: int, height: int, image_size: int, eval_resize: int) -> list[Crop]:
+    """The trainer's FFCV validation crop, as a box in the stored image: FFCV 1.0.2's
+    ``get_center_crop`` with the ratio S / ``eval_resize`` that ``FFCVInput`` gives its
+    ``CenterCropRGBImageDecoder`` (side truncated, offsets floor-halved), resized to S x S."""
+    side = int(image_size / eval_resize * min(width, height))
+    return [Crop((width, height), ((width - side) // 2, (height - side) // 2, side, side))]
+
+
 def ten_crops(width: int, height: int, image_size: int, eval_resize: int) -> list[Crop]:
     resized = resized_size(width, height, eval_resize)
     return _with_mirrors([Crop(resized, box) for box in five_boxes((0, 0, *resized), image_size)])
@@ -129,13 +150,26 @@ def centre_crop_pixels(image: Image.Image, image_size: int, eval_resize: int) ->
     return torch.from_numpy(np.array(resized, dtype=np.uint8))
 
 
-def render(image: torch.Tensor, crops: list[Crop], image_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 image [H, W, 3] -> uint8 crops [len(crops), S, S, 3] (into ``out`` if given): each
-    resize done once, each box cut once (its mirror is a flip of it), antialiased bilinear."""
+def bilinear(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """torchvision's antialiased bilinear resize of uint8 [H, W, 3] (the WebDataset path)."""
     planes = image.permute(2, 0, 1)[None]  # a channels-last view: torch's fast uint8 resize path
+    return F.resize(planes, [height, width], antialias=True)[0].permute(1, 2, 0)
+
+
+def area(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """OpenCV's INTER_AREA resize of uint8 [H, W, 3], the call FFCV's decoders make (the FFCV path)."""
+    import cv2  # installed with FFCV, which this path needs anyway
+
+    return torch.from_numpy(cv2.resize(image.numpy(), (width, height), interpolation=cv2.INTER_AREA))
+
+
+def render(image: torch.Tensor, crops: list[Crop], image_size: int, out: torch.Tensor | None = None,
+           resize: Resize = bilinear) -> torch.Tensor:
+    """uint8 image [H, W, 3] -> uint8 crops [len(crops), S, S, 3] (into ``out`` if given): each
+    resize done once, each box cut once (its mirror is a flip of it), with ``resize``."""
     if out is None:
         out = torch.empty(len(crops), image_size, image_size, 3, dtype=torch.uint8)
-    resized: dict[tuple[int, int], torch.Tensor] = {}
+    resized = {(image.shape[1], image.shape[0]): image}
     done: dict[tuple, tuple[int, bool]] = {}  # (resized, box) -> (index in out, flipped)
     for i, crop in enumerate(crops):
         key = (crop.resized, crop.box)
@@ -144,13 +178,11 @@ def render(image: torch.Tensor, crops: list[Crop], image_size: int, out: torch.T
             out[i] = out[j].flip(1) if crop.flip != flipped else out[j]
             continue
         if crop.resized not in resized:
-            w, h = crop.resized
-            resized[crop.resized] = F.resize(planes, [h, w], antialias=True)
+            resized[crop.resized] = resize(image, *crop.resized)
         left, top, w, h = crop.box
-        pixels = F.crop(resized[crop.resized], top, left, h, w)
+        pixels = resized[crop.resized][top:top + h, left:left + w]
         if (w, h) != (image_size, image_size):
-            pixels = F.resize(pixels, [image_size, image_size], antialias=True)
-        pixels = pixels[0].permute(1, 2, 0)
+            pixels = resize(pixels, image_size, image_size)
         out[i] = pixels.flip(1) if crop.flip else pixels
         done[key] = (i, crop.flip)
     return out
@@ -175,6 +207,17 @@ def crop_stack(image: Image.Image, count: int, image_size: int, eval_resize: int
     stack[0] = centre_crop_pixels(_second_handle(image), image_size, eval_resize)
     image_crops(image, count, image_size, eval_resize, out=stack[1:])
     return stack
+
+
+def ffcv_crop_stack(pixels: np.ndarray, count: int, image_size: int, eval_resize: int) -> torch.Tensor:
+    """:func:`crop_stack` for an image of an FFCV file, uint8 [H, W, 3] as FFCV's loader decodes it:
+    the trainer's FFCV centre crop first, then (for 10 or 144) the test-time crops, every resize
+    INTER_AREA. uint8 [1 or 1 + count, S, S, 3]."""
+    height, width = pixels.shape[:2]
+    plan = ffcv_centre_crop(width, height, image_size, eval_resize)
+    if count > 1:
+        plan += crop_plan(count, width, height, image_size, eval_resize)
+    return render(torch.from_numpy(pixels), plan, image_size, resize=area)
 
 
 def _second_handle(image: Image.Image) -> Image.Image:

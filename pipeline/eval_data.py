@@ -9,22 +9,23 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from .crops import crop_stack
+from .crops import crop_stack, ffcv_crop_stack
 from .data import PreparedData, stack_batches, equal_ranges, sample_range, worker_slot
 
 
-def val_images(data: PreparedData, start: int, stop: int) -> Iterator[tuple[str, Image.Image, int]]:
-    """(key, RGB image, label) for validation samples ``start``..``stop - 1``. The images are
-    opened but not yet decoded, so that the centre crop can decode a JPEG at reduced scale as
-    the trainer does."""
-    if data.format == "ffcv":  # the stored image (raw pixels or JPEG), read from the file's tables
-        from data_prep.ffcv_writer import read_images
+def val_images(data: PreparedData, start: int, stop: int) -> Iterator[tuple[str, Image.Image | np.ndarray, int]]:
+    """(key, image, label) for validation samples ``start``..``stop - 1``. From shards, an RGB
+    image opened but not yet decoded, so that the centre crop can decode a JPEG at reduced scale
+    as the trainer does; from an FFCV file, uint8 [H, W, 3] decoded as FFCV's loader decodes it."""
+    if data.format == "ffcv":
+        from .ffcv_data import decoded_images
 
-        for index, pixels, label in read_images(data.val[0].url, start, stop):
-            yield f"val.beton[{index}]", Image.fromarray(pixels), label
+        for index, pixels, label in decoded_images(data.val[0].url, start, stop):
+            yield f"val.beton[{index}]", pixels, label
         return
     for key, encoded, label in sample_range(data.val, start, stop):
         try:
@@ -49,11 +50,12 @@ class CropStream(IterableDataset):
         worker, num_workers = worker_slot()
         slots = equal_ranges(self.data.val_samples, self.world_size * num_workers)
         start, stop = slots[self.rank * num_workers + worker]
+        stack = ffcv_crop_stack if self.data.format == "ffcv" else crop_stack  # each cuts as its trainer does
 
         def stacks():
             for key, image, label in val_images(self.data, start, stop):
                 try:
-                    yield crop_stack(image, self.crops, self.image_size, self.eval_resize), label
+                    yield stack(image, self.crops, self.image_size, self.eval_resize), label
                 except Exception as exc:
                     raise RuntimeError(f"validation sample {key}: cannot crop ({exc})") from exc
 

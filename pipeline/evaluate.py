@@ -49,7 +49,7 @@ def table_rows(models: int, crops: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(rows))
 
 
-def _row_logits(logits: torch.Tensor, models: int, crops: int) -> torch.Tensor:
+def row_logits(logits: torch.Tensor, models: int, crops: int) -> torch.Tensor:
     """The part of [models, images, 1 (+ crops), classes] that a row averages: the first model
     or all, the centre crop (position 0) or the test-time crops (positions 1...)."""
     return logits[:models, :, :1] if crops == 1 else logits[:models, :, 1:]
@@ -113,7 +113,7 @@ def evaluate(models: list[LoadedModel], data: PreparedData, crops: int, accelera
         labels = labels.to(acc.device)
         logits = _forward(models, stacks, batch_size, acc).view(len(models), n, per_image, -1)
         for row in rows:
-            probs = average_probabilities(_row_logits(logits, *row))
+            probs = average_probabilities(row_logits(logits, *row))
             nll = -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum()
             tallies[row].add(probs, labels, nll)
         bar.update(n)

@@ -19,12 +19,12 @@ from data_prep import augment
 from pipeline import evaluate as evaluate_cli
 from pipeline.config import ConfigError, load_config
 from pipeline.crops import (
-    Crop, centre_crop, crop_plan, crop_stack, image_crops, network_input, paper_crops, paper_scales, render,
-    ten_crops,
+    Crop, area, centre_crop, crop_plan, crop_stack, ffcv_centre_crop, ffcv_crop_stack, image_crops, network_input,
+    paper_crops, paper_scales, render, ten_crops,
 )
 from pipeline.data import equal_ranges, open_prepared
 from pipeline.eval_data import val_images
-from pipeline.evaluate import _row_logits, average_probabilities, table_rows
+from pipeline.evaluate import average_probabilities, row_logits, table_rows
 from pipeline.models import build_model, forward_with_aux, load_torchvision_weights
 from pipeline.run_files import load_initial_model, load_model
 from tiny_runs import run_module, torchvision_weights, train, train_process
@@ -134,6 +134,25 @@ def test_the_centre_crop_is_the_trainers_also_with_reduced_scale_jpeg_decoding()
     assert torch.equal(crop_stack(Image.open(io.BytesIO(encoded)), 1, 32, 37)[0].permute(2, 0, 1), trainer)
 
 
+def test_ffcv_crops_are_ffcvs_centre_box_then_inter_area_everywhere():
+    cv2 = pytest.importorskip("cv2", reason="OpenCV comes with the optional FFCV")
+    # FFCV's get_center_crop: a square of int(32/37 x 43) = 37 px, offsets floor((71 - 37) / 2), floor((43 - 37) / 2)
+    assert ffcv_centre_crop(71, 43, 32, 37) == [Crop((71, 43), (17, 3, 37, 37))]
+    image = torch.randint(0, 256, (60, 90, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixels = image.numpy()
+    stack = ffcv_crop_stack(pixels, 10, 32, 37)
+    assert stack.shape == (11, 32, 32, 3)
+    (centre,) = ffcv_centre_crop(90, 60, 32, 37)
+    left, top, side, _ = centre.box
+    expected = cv2.resize(pixels[top:top + side, left:left + side], (32, 32), interpolation=cv2.INTER_AREA)
+    assert torch.equal(stack[0], torch.from_numpy(expected))
+    assert torch.equal(ffcv_crop_stack(pixels, 1, 32, 37), stack[:1])
+    # the 10 crops: the same boxes as from shards, in the image resized with INTER_AREA
+    assert torch.equal(stack[1:], render(image, ten_crops(90, 60, 32, 37), 32, resize=area))
+    resized = cv2.resize(pixels, (55, 37), interpolation=cv2.INTER_AREA)
+    assert torch.equal(stack[1], torch.from_numpy(resized[:32, :32]))
+
+
 def test_val_images_cover_the_split_once_in_any_number_of_ranges(tiny_data):
     data = open_prepared(tiny_data)
     whole = [(key, label) for key, _, label in val_images(data, 0, data.val_samples)]
@@ -154,8 +173,8 @@ def test_ensemble_averages_softmax_over_crops_then_models():
     probs = average_probabilities(p.log() + 3.0)  # logits up to a constant
     torch.testing.assert_close(probs, torch.tensor([[0.325, 0.55, 0.125]]))
     # the first model alone, centre crop (position 0) versus the test-time crops (1...)
-    torch.testing.assert_close(average_probabilities(_row_logits(p.log(), 1, 1)), torch.tensor([[0.6, 0.3, 0.1]]))
-    torch.testing.assert_close(average_probabilities(_row_logits(p.log(), 2, 10)), torch.tensor([[0.3, 0.55, 0.15]]))
+    torch.testing.assert_close(average_probabilities(row_logits(p.log(), 1, 1)), torch.tensor([[0.6, 0.3, 0.1]]))
+    torch.testing.assert_close(average_probabilities(row_logits(p.log(), 2, 10)), torch.tensor([[0.3, 0.55, 0.15]]))
     assert table_rows(1, 1) == [(1, 1)]
     assert table_rows(1, 144) == [(1, 1), (1, 144)]
     assert table_rows(7, 144) == [(1, 1), (1, 144), (7, 1), (7, 144)]
@@ -202,7 +221,7 @@ def _reference_top1(models, data, crops: int) -> dict[tuple[int, int], float]:
     labels = torch.tensor(labels)
     rows = {}
     for row in table_rows(len(models), crops):
-        top1 = average_probabilities(_row_logits(logits, *row)).argmax(dim=1)
+        top1 = average_probabilities(row_logits(logits, *row)).argmax(dim=1)
         rows[row] = 1 - (top1 == labels).float().mean().item()
     return rows
 
@@ -267,8 +286,9 @@ def test_a_checkpoint_directory_names_its_run(runs):
     checkpoint = runs["paper"] / "checkpoints" / "step-00000012"
     loaded = load_model(checkpoint)
     assert loaded.run_dir == runs["paper"] and loaded.checkpoint == checkpoint
-    best = json.loads((runs["paper"] / "checkpoints" / "best.json").read_text())["checkpoint"]
-    assert load_model(runs["paper"]).checkpoint.name == best
+    best = json.loads((runs["paper"] / "checkpoints" / "best.json").read_text())
+    assert load_model(runs["paper"]).checkpoint.name == best["model"]["checkpoint"]
+    assert load_model(runs["paper"], ema=True).checkpoint.name == best["ema"]["checkpoint"]  # the EMA's own best
     assert load_model(runs["paper"], "last").checkpoint.name == "step-00000024"
     assert loaded.classes == json.loads((runs["paper"] / "classes.json").read_text())
 

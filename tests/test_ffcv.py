@@ -2,6 +2,7 @@
 validation over 2 processes, and the demo trained from .beton files against shards."""
 from __future__ import annotations
 
+import gc
 import io
 import json
 import subprocess
@@ -219,11 +220,65 @@ def test_two_processes_train_from_ffcv_with_exact_validation(tiny_ffcv, tmp_path
     report = json.loads((tmp_path / "ffcv" / "eval-10crops.json").read_text())
     assert report["val_samples"] == 16 and report["processes"] == 2
     assert [(r["models"], r["crops"]) for r in report["rows"]] == [(1, 1), (1, 10)]
+    # the 1-crop evaluation is the trainer's own validation of that checkpoint, as from shards
+    trainer = records[-1]
+    result = run_module("pipeline.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "1",
+                        "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = json.loads((tmp_path / "ffcv" / "eval-1crops.json").read_text())["rows"]
+    assert [(r["models"], r["crops"]) for r in base] == [(1, 1)]
+    for row in (base[0], report["rows"][0]):
+        assert (row["top1_error"], row["top5_error"]) == (trainer["val_top1_error"], trainer["val_top5_error"])
+        assert row["loss"] == pytest.approx(trainer["val_loss"], rel=1e-5)  # PIL-cut crops: ~3e-5 off
+
+
+# numba's finalizer of FFCV's compiled decoders raises and ignores a KeyError when they are freed
+# before the interpreter exits; gc.collect() below makes that happen here rather than in a later test.
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
+def test_the_evaluation_cuts_the_trainers_ffcv_validation_pixels(tiny_ffcv):
+    """The base crop of every image is the trainer's FFCV validation crop, bit for bit: FFCV's box
+    and its OpenCV INTER_AREA resize, from JPEGs decoded as FFCV decodes them (PIL's pixels differ)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    from pipeline.crops import ffcv_centre_crop
+    from pipeline.data import open_prepared
+    from pipeline.eval_data import CropStream, val_images
+    from pipeline.ffcv_data import FFCVInput
+
+    data = open_prepared(tiny_ffcv)
+    stored = set(Reader(str(tiny_ffcv / "val.beton")).metadata["f0"]["mode"].tolist())
+    assert stored == {IMAGE_MODES["jpg"], IMAGE_MODES["raw"]}  # both kinds of stored image are checked
+    image_size, eval_resize = 40, 46
+    sides = {ffcv_centre_crop(image.shape[1], image.shape[0], image_size, eval_resize)[0].box[2]
+             for _, image, _ in val_images(data, 0, data.val_samples)}
+    assert min(sides) < image_size < max(sides)  # centre squares enlarged and shrunk
+    loader = FFCVInput(data, batch_size=4, eval_batch_size=5, batches_per_epoch=1, rank=0, world_size=1, seed=0,
+                       workers=1, image_size=image_size, eval_resize=eval_resize, crop_area=None,
+                       crop_ratio=(0.75, 4 / 3), flip=False)
+    trainer = torch.cat([images for images, _ in loader.val_batches()]).permute(0, 2, 3, 1)
+    assert trainer.shape == (16, image_size, image_size, 3)
+    del loader
+    gc.collect()
+    for crops in (1, 10):  # the base crop alone, and first in a stack of test-time crops
+        stream = CropStream(data, crops=crops, image_size=image_size, eval_resize=eval_resize, images_per_batch=3,
+                            rank=0, world_size=1)
+        base = torch.cat([stacks[:, 0] for stacks, _ in stream])
+        assert torch.equal(base, trainer), (crops, (base.int() - trainer.int()).abs().max())
+
+
+# The demo data trained for 3 epochs by the batch-norm GoogLeNet on the evaluation crop, without the
+# photometric distortion: it learns from the first epoch, where the demo's paper GoogLeNet (no batch
+# norm) stays at chance for its first ~400 steps. Both formats' own decoders and sample order feed it.
+DEMO_SHORT = ["model.name=googlenet_bn", "schedule.epochs=3", "schedule.warmup_epochs=0", "data.augment.crop=false",
+              "data.augment.brightness=null", "data.augment.contrast=null", "data.augment.saturation=null",
+              "train.image_grid=false"]
 
 
 def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
-    """The demo recipe, shortened to 10 epochs, from the same images as shards and as FFCV files:
-    both below chance (90% top-1, 50% top-5 error) and close to each other."""
+    """The demo's images as shards and as FFCV files, each trained briefly (``DEMO_SHORT``): both
+    well below chance (90% top-1, 50% top-5 error) and close to each other. Measured: 0.77-0.80
+    top-1 and 0.15-0.22 top-5 error; with shuffled training labels 0.91 and 0.49-0.55."""
     from data_prep.demo import ensure_demo_ffcv
 
     root = tmp_path / "demo_data"
@@ -232,12 +287,12 @@ def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
     for data_format, directory in (("webdataset", root / "shards"), ("ffcv", root / "ffcv")):
         result = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), f"data.dir={directory}", f"data.format={data_format}",
-             f"output_dir={tmp_path}", f"name={data_format}", "schedule.epochs=10", "train.image_grid=false"],
-            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+             f"output_dir={tmp_path}", f"name={data_format}", *DEMO_SHORT],
+            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         last = metrics(tmp_path / data_format)[-1]
         errors[data_format] = (last["val_top1_error"], last["val_top5_error"])
-    print(f"demo, 10 epochs, validation top-1/top-5 error: {errors}")
-    for top1, top5 in errors.values():  # chance: 0.9 / 0.5
-        assert top1 < 0.85 and top5 < 0.3, errors
-    assert abs(errors["webdataset"][0] - errors["ffcv"][0]) < 0.15, errors
+    print(f"demo, 3 epochs, validation top-1/top-5 error: {errors}")
+    for top1, top5 in errors.values():
+        assert top1 < 0.86 and top5 < 0.35, errors
+    assert abs(errors["webdataset"][0] - errors["ffcv"][0]) < 0.1, errors
