@@ -107,7 +107,7 @@ def sample_crop(width: int, height: int, spec: CropSpec, rng: random.Random) -> 
     return CropParams(left, top, w, h, interpolation, flip)
 
 
-def _draft_box(image: Image.Image, box: tuple[float, float, float, float], size: int):
+def draft_box(image: Image.Image, box: tuple[float, float, float, float], size: int):
     """Let libjpeg decode an unloaded JPEG at 1/2, 1/4 or 1/8 scale when the ``box`` region
     (full-resolution coordinates) still spans >= ``size`` pixels on both sides afterwards.
 
@@ -132,7 +132,7 @@ def _draft_box(image: Image.Image, box: tuple[float, float, float, float], size:
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def _resize_box(image: Image.Image, box, size: int, resample) -> Image.Image:
+def resize_box(image: Image.Image, box, size: int, resample) -> Image.Image:
     """Crop ``box`` and resize it to size x size in one pass, ending in RGB."""
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # CMYK, palette, alpha, 16-bit: resample in RGB
@@ -142,8 +142,8 @@ def _resize_box(image: Image.Image, box, size: int, resample) -> Image.Image:
 
 def _apply_crop(image: Image.Image, params: CropParams, size: int) -> Image.Image:
     box = (params.left, params.top, params.left + params.width, params.top + params.height)
-    box = _draft_box(image, box, size)
-    out = _resize_box(image, box, size, _PIL_RESAMPLE[params.interpolation])
+    box = draft_box(image, box, size)
+    out = resize_box(image, box, size, _PIL_RESAMPLE[params.interpolation])
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else out
 
 
@@ -183,8 +183,8 @@ def decode_center_crop(jpeg_bytes: bytes, size: int, resize_to: int | None = Non
         left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
         fx, fy = w / new_w, h / new_h
         box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
-        box = _draft_box(image, box, size)
-        return _to_tensor(_resize_box(image, box, size, Image.Resampling.BILINEAR))
+        box = draft_box(image, box, size)
+        return _to_tensor(resize_box(image, box, size, Image.Resampling.BILINEAR))
 
 
 # ----------------------------------------------------------------------------- photometric

@@ -145,8 +145,8 @@ def centre_crop_pixels(image: Image.Image, image_size: int, eval_resize: int) ->
     fx, fy = w / crop.resized[0], h / crop.resized[1]
     left, top, size, _ = crop.box
     box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
-    box = augment._draft_box(image, box, image_size)
-    resized = augment._resize_box(image, box, image_size, Image.Resampling.BILINEAR)
+    box = augment.draft_box(image, box, image_size)
+    resized = augment.resize_box(image, box, image_size, Image.Resampling.BILINEAR)
     return torch.from_numpy(np.array(resized, dtype=np.uint8))
 
 

@@ -306,7 +306,7 @@ def test_draft_scale_keeps_crop_at_least_size(big_jpeg):
                               ((0, 0, 300, 260), 64, 4), ((0, 0, 150, 130), 64, 2),
                               ((0, 0, 127, 500), 64, 1)]:
         img = Image.open(io.BytesIO(big_jpeg))
-        new_box = A._draft_box(img, box, size)
+        new_box = A.draft_box(img, box, size)
         assert img.size == (math.ceil(2000 / expect), math.ceil(1500 / expect))
         assert min(new_box[2] - new_box[0], new_box[3] - new_box[1]) >= size
         assert np.allclose(new_box, np.array(box) / expect)
@@ -314,7 +314,7 @@ def test_draft_scale_keeps_crop_at_least_size(big_jpeg):
 
 def test_draft_not_used_for_png():
     img = Image.open(io.BytesIO(_encode(_gradient(800, 600), "PNG")))
-    assert A._draft_box(img, (0, 0, 800, 600), 32) == (0, 0, 800, 600) and img.size == (800, 600)
+    assert A.draft_box(img, (0, 0, 800, 600), 32) == (0, 0, 800, 600) and img.size == (800, 600)
 
 
 def test_decode_center_crop_geometry():
