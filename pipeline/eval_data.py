@@ -22,9 +22,9 @@ def val_images(data: PreparedData, start: int, stop: int) -> Iterator[tuple[str,
     image opened but not yet decoded, so that the centre crop can decode a JPEG at reduced scale
     as the trainer does; from an FFCV file, uint8 [H, W, 3] decoded as FFCV's loader decodes it."""
     if data.format == "ffcv":
-        from .ffcv_data import decoded_images
+        from data_prep.ffcv_writer import read_images
 
-        for index, pixels, label in decoded_images(data.val[0].url, start, stop):
+        for index, pixels, label in read_images(data.val[0].url, start, stop, as_ffcv_decodes=True):
             yield f"val.beton[{index}]", pixels, label
         return
     for key, encoded, label in sample_range(data.val, start, stop):

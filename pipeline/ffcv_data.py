@@ -16,8 +16,9 @@ same samples, though FFCV's crops are not seeded per sample). Validation gives e
 contiguous range of the file, so every sample is counted exactly once, nothing padded.
 
 Test-time evaluation needs whole images, which FFCV's loader does not hand out:
-:func:`decoded_images` reads them from the file and decodes them with FFCV's own JPEG call, so
-that ``pipeline.crops.ffcv_crop_stack`` cuts the trainer's validation pixels from them.
+``data_prep.ffcv_writer.read_images(..., as_ffcv_decodes=True)`` reads them from the file and
+decodes them with FFCV's own JPEG call, so that ``pipeline.crops.ffcv_crop_stack`` cuts the
+trainer's validation pixels from them.
 """
 from __future__ import annotations
 
@@ -34,30 +35,6 @@ def require_ffcv() -> None:
         import ffcv  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"data.format: ffcv: {FFCV_INSTALL_HINT} ({exc})") from None
-
-
-def decoded_images(path, start: int = 0, stop: int | None = None):
-    """(index, uint8 [H, W, 3], label) for samples ``start``..``stop - 1`` of a ``.beton``, as
-    FFCV's image decoders see them: raw pixels as stored, JPEGs decoded by FFCV's own libjpeg-turbo
-    call (fast DCT), whose pixels differ from PIL's by a few levels."""
-    require_ffcv()
-    from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.libffcv import imdecode
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    images, labels = reader.metadata["f0"], reader.metadata["f1"]
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    for i in range(start, reader.num_samples if stop is None else stop):
-        ptr, height, width = int(images[i]["data_ptr"]), int(images[i]["height"]), int(images[i]["width"])
-        if images[i]["mode"] == IMAGE_MODES["raw"]:
-            pixels = np.array(data[ptr: ptr + height * width * 3]).reshape(height, width, 3)
-        else:  # the arguments of ResizedCropRGBImageDecoder's call: the whole image, no scaling, crop or flip
-            pixels = np.empty((height, width, 3), dtype=np.uint8)
-            if imdecode(data[ptr: ptr + sizes[ptr]], pixels, height, width, height, width, 0, 0, 1, 1, False, False):
-                raise RuntimeError(f"{path}: sample {i}: FFCV cannot decode its JPEG")
-        yield i, pixels, int(labels[i])
 
 
 def _epoch_slice_order(rank: int, samples_per_rank: int, seed: int):
