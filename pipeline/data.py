@@ -157,31 +157,31 @@ def stack_batches(samples, batch_size: int):
 
 
 def interleave(segments: list[tuple], rng: random.Random, width: int):
-    """Merge ``segments``, (sample iterable, length) pairs, keeping up to ``width`` of them open
+    """Merge ``segments``, (sample iterable, length, shard path) triples, keeping up to ``width`` of them open
     and opening the next in order when one runs out. Each next sample comes from an open
     segment drawn with probability proportional to the samples it has left, so the open
     segments are merged in uniformly random order."""
     pending = iter(segments)
-    active: list[list] = []  # [iterator, samples left]
+    active: list[list] = []  # [iterator, samples left, shard path]
 
     def refill():
-        for samples, length in pending:
+        for samples, length, path in pending:
             if length > 0:
-                active.append([iter(samples), length])
+                active.append([iter(samples), length, path])
                 if len(active) == width:
                     return
 
     refill()
     while active:
-        pick = rng.randrange(sum(left for _, left in active))
+        pick = rng.randrange(sum(left for _, left, _ in active))
         i = 0
         while pick >= active[i][1]:
             pick -= active[i][1]
             i += 1
         sample = next(active[i][0], None)
         if sample is None:
-            raise RuntimeError("a training shard holds fewer samples than the manifest says "
-                               "(check the shards with 'python -m data_prep verify')")
+            raise RuntimeError(f"{active[i][2]}: the training shard holds fewer samples than the manifest says "
+                               f"(check the shards with 'python -m data_prep verify')")
         yield sample
         active[i][1] -= 1
         if active[i][1] == 0:
@@ -236,7 +236,7 @@ class TrainStream(IterableDataset):
         for shard in shards:
             first, last = max(offset, start) - offset, min(offset + shard.samples, stop) - offset
             if first < last:
-                segments.append((sample_range([shard], first, last), last - first))
+                segments.append((sample_range([shard], first, last), last - first, shard.url))
             offset += shard.samples
         rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "interleave"))
         samples = interleave(segments, rng, self.interleave_shards)
