@@ -20,11 +20,18 @@ class Tally:
     def __init__(self):
         self.totals: torch.Tensor | None = None  # [count, correct1, correct5, loss_sum], float64
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+    @staticmethod
+    def counts(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> torch.Tensor:
+        """One batch's [count, correct1, correct5, loss_sum], to add to one or more tallies."""
         count = torch.tensor([labels.numel()], device=labels.device)
         row = torch.cat([count, topk_correct(logits, labels)]).double()
-        row = torch.cat([row, loss_sum.detach().double().reshape(1)])
+        return torch.cat([row, loss_sum.detach().double().reshape(1)])
+
+    def add_counts(self, row: torch.Tensor) -> None:
         self.totals = row if self.totals is None else self.totals + row
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self.add_counts(self.counts(logits, labels, loss_sum))
 
     def reduce(self, accelerator) -> "Tally":
         totals = self.totals if self.totals is not None else torch.zeros(4, dtype=torch.float64, device=accelerator.device)

@@ -66,12 +66,11 @@ class LogWindow:
         self.loss_sums: torch.Tensor | None = None
         self.tally = Tally()
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor) -> None:
-        """One micro-batch: its main logits, labels and [main, aux...] mean losses."""
-        n = labels.numel()
-        self.tally.add(logits.detach().float(), labels, losses[0] * n)
+    def add(self, counts: torch.Tensor, losses: torch.Tensor, images: int) -> None:
+        """One micro-batch: its ``Tally.counts``, [main, aux...] mean losses and image count."""
+        self.tally.add_counts(counts)
         self.loss_sums = losses if self.loss_sums is None else self.loss_sums + losses
-        self.images += n
+        self.images += images
         self.batches += 1
 
     def values(self, accelerator, lr: float) -> dict[str, float]:

@@ -253,8 +253,9 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
                 loss, logits, losses = compute_loss(run.model, inputs, labels, c.model.aux_weight,
                                                     c.optim.label_smoothing)
             acc.backward(loss / accum)
-            epoch_tally.add(logits.detach().float(), labels, losses[0] * labels.numel())
-            window.add(logits, labels, losses)
+            counts = Tally.counts(logits.detach().float(), labels, losses[0] * labels.numel())  # once, for both
+            epoch_tally.add_counts(counts)
+            window.add(counts, losses, labels.numel())
             epoch_images += labels.numel()
         applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
         progress.step += 1
