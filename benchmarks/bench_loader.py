@@ -129,6 +129,7 @@ def main() -> None:
         stream = TrainStream(data.train, batch_size=args.batch_size, batches_per_epoch=len(files) // args.batch_size,
                              rank=0, world_size=1, seed=0, image_size=args.size, crop=augment.CropSpec(), baked=False,
                              shuffle_buffer=1000, eval_resize=round(args.size * 256 / 224),
+                             num_classes=data.num_classes,
                              photometric=spec if in_workers else None)
         contestants = {
             "torchvision ImageFolder + PIL": (

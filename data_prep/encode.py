@@ -3,18 +3,26 @@
 ILSVRC2012 holds grayscale and CMYK JPEGs and PNG files named ``.JPEG``: those are converted
 to RGB JPEG. Files that are already RGB JPEG within the size limit keep their original bytes
 (no generation loss, and the fastest path). Anything that does not decode completely
-(truncated, corrupt, empty, not an image) raises :class:`BadImage` with a reason to record.
+(truncated, corrupt, empty, not an image, over :data:`MAX_INPUT_PIXELS`) raises
+:class:`BadImage` with a reason to record. Images over :data:`MAX_STORED_PIXELS` are
+downscaled, so that a shard never holds what the loader's Pillow refuses.
 """
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image
 
-# ImageNet's largest images are ~100 MP panoramas; PIL's bomb guard would reject legitimate ones.
-Image.MAX_IMAGE_PIXELS = 400_000_000
+# ImageNet's largest images are ~100 MP panoramas, over Pillow's default bomb guard: preparation
+# decodes inputs up to this size (under pillow_limit, never by changing the process's default).
+MAX_INPUT_PIXELS = 400_000_000
+# Pillow's default limit (89,478,485): the most a default Pillow, hence plain webdataset
+# decoding and the trainer's loader, reads without a DecompressionBombWarning.
+MAX_STORED_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 class BadImage(Exception):
@@ -37,39 +45,53 @@ class Encoded:
     converted: str | None  # why the bytes were re-encoded (None: original bytes kept)
 
 
+@contextmanager
+def pillow_limit(limit: int | None):
+    """Pillow's bomb guard at ``limit`` (None: off) for the block, then restored.
+
+    Process-wide: fine in preparation, which decodes in worker processes, one image at a time."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def open_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode completely (a lazy open would accept truncated files) or raise BadImage.
 
     With ``draft_size``, a JPEG is decoded by libjpeg at the smallest 1/2, 1/4 or 1/8 scale that
     still covers that size: the entropy-coded stream is still read to its end, so damage is
     still detected, at a fraction of the cost of a full-size decode."""
-    if not data:
-        raise BadImage("empty file")
+    header(data)  # empty, unknown and too large inputs fail here, before any pixel is decoded
     try:
-        with warnings.catch_warnings():
+        # Pillow's own checks (frames, tiles) stay on, at the input limit.
+        with warnings.catch_warnings(), pillow_limit(MAX_INPUT_PIXELS):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             if draft_size is not None and image.format == "JPEG":
                 image.draft(image.mode, draft_size)
             image.load()
-    except Image.UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"cannot decode: {exc}") from None
     return image
 
 
 def header(data: bytes) -> tuple[str | None, str, tuple[int, int]]:
-    """Format, mode and size from the header alone."""
+    """Format, mode and size from the header alone; inputs over MAX_INPUT_PIXELS are refused."""
     if not data:
         raise BadImage("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.format, image.mode, image.size
+        # Nothing is decoded yet, so Pillow's guard is off: our check below names the size.
+        with pillow_limit(None), Image.open(io.BytesIO(data)) as image:
+            fmt, mode, (width, height) = image.format, image.mode, image.size
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"cannot decode: {exc}") from None
+    if width * height > MAX_INPUT_PIXELS:
+        raise BadImage(f"decompression bomb: {width}x{height} pixels, over the {MAX_INPUT_PIXELS} pixel limit for inputs")
+    return fmt, mode, (width, height)
 
 
 def target_size(width: int, height: int, resize_shorter: int | None) -> tuple[int, int]:
@@ -77,6 +99,16 @@ def target_size(width: int, height: int, resize_shorter: int | None) -> tuple[in
         return width, height
     scale = resize_shorter / min(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit_pixels(width: int, height: int, limit: int) -> tuple[int, int]:
+    """The largest size of the same aspect ratio with at most ``limit`` pixels."""
+    if width * height <= limit:
+        return width, height
+    scale = math.sqrt(limit / (width * height))
+    w = max(1, int(width * scale))
+    h = max(1, min(int(height * scale), limit // w))  # float rounding may leave a row over
+    return min(w, limit // h), h  # a very thin image: the max(1, ...) may have pushed it over
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -105,7 +137,11 @@ def encode(data: bytes, spec: EncodeSpec) -> Encoded:
         reasons.append(f"{fmt or 'unknown'} to JPEG")
     if mode != "RGB":
         reasons.append(f"{mode} to RGB")
-    if new_size != (width, height):
+    if new_size[0] * new_size[1] > MAX_STORED_PIXELS:
+        # The loader's Pillow warns about (and at twice the size refuses) anything larger.
+        new_size = fit_pixels(width, height, MAX_STORED_PIXELS)
+        reasons.append(f"downscaled from {width}x{height}: over {MAX_STORED_PIXELS} pixels, the most a default Pillow reads")
+    elif new_size != (width, height):
         reasons.append(f"resized from {width}x{height}")
     if not reasons:
         open_image(data, draft_size=(max(1, width // 8), max(1, height // 8)))  # integrity check only

@@ -9,6 +9,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from .encode import MAX_STORED_PIXELS, pillow_limit
 from .manifest import load_manifest, sha256_file
 
 
@@ -33,10 +34,18 @@ def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
             if not 0 <= label < num_classes:
                 problems.append(f"{path}: sample {key} has label {label}, outside 0..{num_classes - 1}")
             try:
+                # The size from the header first: a default Pillow (the loader's) refuses, or
+                # warns about, an image over its limit before decoding it.
+                with pillow_limit(None), Image.open(io.BytesIO(sample["jpg"])) as image:
+                    fmt, mode, (width, height) = image.format, image.mode, image.size
+                if fmt != "JPEG" or mode != "RGB":
+                    problems.append(f"{path}: sample {key} is {fmt}/{mode}, not RGB JPEG")
+                if width * height > MAX_STORED_PIXELS:
+                    problems.append(f"{path}: sample {key} is {width}x{height}, over the {MAX_STORED_PIXELS} "
+                                    "pixels the loader reads; prepare the shards again")
+                    continue
                 with Image.open(io.BytesIO(sample["jpg"])) as image:
-                    image.load()
-                    if image.format != "JPEG" or image.mode != "RGB":
-                        problems.append(f"{path}: sample {key} is {image.format}/{image.mode}, not RGB JPEG")
+                    image.load()  # the whole image decodes, as the loader will decode it
             except Exception as exc:  # any decoder failure is a finding, not a crash
                 problems.append(f"{path}: sample {key} does not decode ({exc})")
     except Exception as exc:

@@ -5,7 +5,8 @@ RNG states) into ``checkpoints/.tmp-step-NNNNNNNN`` through ``Accelerator.save_s
 a barrier the main process adds ``trainer_state.json`` and renames the directory to
 ``step-NNNNNNNN``. Only renamed directories are ever loaded, so a crash mid-write never
 leaves a checkpoint that looks complete. We name directories ourselves instead of using
-Accelerate's automatic naming, whose counter ``load_state()`` does not restore.
+Accelerate's automatic naming, whose counter ``load_state()`` does not restore. A save that
+fails (a full disk, most often) removes its temporary directory and says what it needed.
 
 ``best.json`` names the best checkpoint by validation top-1 error for each kind of weights
 evaluated: ``{"model": {...}, "ema": {...}}`` (the trained weights, and their Polyak average,
@@ -13,19 +14,42 @@ which is the paper's final model), each with its checkpoint, error and step. Pru
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from data_prep.manifest import atomic_write_json
 
 from .config import ConfigError
+from .launch import on_every_rank
 
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class NoSpaceForCheckpoint(RuntimeError):
+    """A checkpoint did not fit on its disk; the message names the path and the space needed."""
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def out_of_space(exc: BaseException, directory: Path, needed: int) -> bool:
+    """Writers report a full disk in their own words: safetensors says 'os error 28', torch's zip
+    writer only 'unexpected pos' or 'file write failed' (then the free space decides)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return True
+    write_failed = "unexpected pos" in str(exc) or "file write failed" in str(exc)
+    return write_failed and shutil.disk_usage(directory).free < needed
 
 
 class CheckpointManager:
@@ -53,7 +77,9 @@ class CheckpointManager:
         path = self.directory / BEST_FILE
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def save(self, step: int, state: dict) -> Path:
+    def save(self, step: int, state: dict, size_estimate=lambda: 0) -> Path:
+        """``size_estimate()``: about how many bytes this checkpoint takes, for the message when
+        it does not fit and there is no earlier one to measure."""
         final = self.directory / f"step-{step:08d}"
         tmp = self.directory / f".tmp-step-{step:08d}"
         acc = self.accelerator
@@ -61,16 +87,42 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash at this very step
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(output_dir=str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()
+        error = None
+        try:
+            acc.save_state(output_dir=str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                atomic_write_json(tmp / STATE_FILE, state)
+        except Exception as exc:  # held until every process knows: a one-sided raise would hang the others
+            error = exc
+        full = error is not None and out_of_space(error, self.directory, size_estimate())
+        outcome = acc.reduce(torch.tensor([2 if full else int(error is not None)], device=acc.device), reduction="max")
+        if outcome.item():
+            self._failed(final, tmp, error, full=outcome.item() == 2, size_estimate=size_estimate)
         if acc.is_main_process:
-            atomic_write_json(tmp / STATE_FILE, state)
             if final.exists():  # same step saved again (e.g. preempted right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune()
         acc.wait_for_everyone()
         return final
+
+    def _failed(self, final: Path, tmp: Path, error: BaseException | None, full: bool, size_estimate) -> None:
+        """Every process raises: the main process removes the half-written directory."""
+        latest = self.latest()
+        needed = max(directory_bytes(latest) if latest else size_estimate(), directory_bytes(tmp))
+        free = shutil.disk_usage(self.directory).free
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+        self.accelerator.wait_for_everyone()
+        if full:
+            cause = f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" if error else ""
+            raise on_every_rank(NoSpaceForCheckpoint(
+                f"no space left on device writing checkpoint {final}: it needs about {needed / 1e6:.0f} MB "
+                f"and {free / 1e6:.0f} MB were free; the half-written {tmp.name} was removed and the earlier "
+                f"checkpoints are intact. Free space, then run the same command to resume{cause}"))
+        if error is not None:
+            raise error
+        raise on_every_rank(RuntimeError(f"writing checkpoint {final} failed in another process (see its error)"))
 
     def mark_best(self, kind: str, checkpoint: Path, metric: float, step: int) -> None:
         if self.accelerator.is_main_process:

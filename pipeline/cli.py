@@ -1,7 +1,15 @@
-"""Command line of ``train.py``: a YAML recipe plus dotted ``key=value`` overrides."""
+"""Command line of ``train.py``: a YAML recipe plus dotted ``key=value`` overrides.
+
+Every failure a user can act on ends with one line, ``error: ...``, naming its cause, and an
+exit code that says which kind it was (a traceback is left for what is a bug). Through
+``accelerate launch`` the launcher itself exits with 1 whatever its processes returned; the line
+is in the log of the process that met the cause.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +19,12 @@ from .config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+EXIT_CONFIG = 2  # the configuration, the prepared data, or a run directory held by another job
+EXIT_BAD_DATA = 3  # a sample that cannot be read (data.on_bad_sample=stop), or too many skipped
+EXIT_NO_SPACE = 4  # the disk is full (a checkpoint, a log)
+EXIT_PEER = 5  # another process of the job died or stopped responding
+EXIT_STOPPED = 143  # stopped on a signal after writing a checkpoint, not requeued (128 + SIGTERM)
+
 
 def recipe_path(path: str) -> Path:
     """A recipe path as given, or else relative to the repository (``configs/NAME.yaml``)."""
@@ -18,6 +32,15 @@ def recipe_path(path: str) -> Path:
     if given.is_file() or given.is_absolute() or not (REPO / given).is_file():
         return given
     return REPO / given
+
+
+def fail(error: BaseException | str, code: int) -> None:
+    """One line, from one process: an error every process raised alike is printed by the main one."""
+    from tqdm import tqdm
+
+    if not getattr(error, "on_every_rank", False) or os.environ.get("RANK", "0") == "0":
+        tqdm.write(f"error: {error}", file=sys.stderr)  # on a line of its own, under a progress bar
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,13 +53,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = load_config(recipe_path(args.config), args.overrides)
-        from .launch import LaunchError
-        from .trainer import train
+    except ConfigError as exc:
+        fail(exc, EXIT_CONFIG)
+    from .checkpoint import NoSpaceForCheckpoint
+    from .data import BadSampleError
+    from .launch import LaunchError, collective_failure
+    from .run_lock import RunDirInUse
+    from .trainer import train
 
-        try:
-            train(config)
-        except LaunchError as exc:
-            raise ConfigError(str(exc)) from exc
-    except (ConfigError, PrepError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    try:
+        result = train(config)
+    except (ConfigError, PrepError, LaunchError, RunDirInUse) as exc:
+        fail(exc, EXIT_CONFIG)
+    except BadSampleError as exc:
+        fail(exc, EXIT_BAD_DATA)
+    except NoSpaceForCheckpoint as exc:
+        fail(exc, EXIT_NO_SPACE)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f"no space left on device writing {exc.filename or 'the run directory'} ({exc.strerror})", EXIT_NO_SPACE)
+    except RuntimeError as exc:
+        message = collective_failure(exc, config.train.collective_timeout_s)
+        if message is None:
+            raise
+        fail(message, EXIT_PEER)
+    if result.get("preempted_at_step") is not None and not result["requeued"]:
+        sys.exit(EXIT_STOPPED)

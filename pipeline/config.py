@@ -60,6 +60,8 @@ class DataConfig:
     workers: int = 4  # loader processes per training process
     shuffle_buffer: int = 2000  # samples, on top of the global shuffle of the shards and shard order
     interleave_shards: int = 4  # shards each loader worker reads at once, so that neighbours differ per epoch
+    on_bad_sample: str = "stop"  # a sample that cannot be read: stop naming it, or skip it and record it
+    max_skipped_fraction: float = 0.01  # skip: stop once more of an epoch's training samples were skipped
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -106,6 +108,9 @@ class TrainConfig:
     log_every_steps: int = 20
     image_grid: bool = True  # a grid of augmented training images once per epoch
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
+    # How long a process waits in a collective for the others before the job ends (a dead node,
+    # a hung process). It must cover the longest legitimate wait: a checkpoint write, compilation.
+    collective_timeout_s: float = 300.0
 
 
 @dataclass
@@ -256,6 +261,8 @@ def validate(c: Config) -> None:
     _check(c.data.workers >= 0, "data.workers", c.data.workers, ">= 0")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
     _check(c.data.interleave_shards >= 1, "data.interleave_shards", c.data.interleave_shards, ">= 1")
+    _check(c.data.on_bad_sample in ("stop", "skip"), "data.on_bad_sample", c.data.on_bad_sample, "stop or skip")
+    _check(0 <= c.data.max_skipped_fraction <= 1, "data.max_skipped_fraction", c.data.max_skipped_fraction, "[0, 1]")
     a = c.data.augment
     _check_range(a.crop_area, "data.augment.crop_area", 1e-6, 1.0)
     _check_range(a.crop_ratio, "data.augment.crop_ratio", 1e-6)
@@ -292,6 +299,7 @@ def validate(c: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, ">= 1")
 
 
 def to_dict(config: Config) -> dict:

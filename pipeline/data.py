@@ -21,13 +21,23 @@ already did are dropped before decoding.
 
 Validation: the ranges cover every sample exactly once, nothing padded or dropped; the
 trainer all-reduces the counts and checks them against the manifest.
+
+Damage: a sample that cannot be read (a shard damaged after preparation, an image that does not
+decode) never raises in a loader worker. It travels with its batch as a skip record (shard,
+position, key, reason) and the trainer applies ``data.on_bad_sample``: stop naming it, or skip
+and record it. A skipped training sample keeps its slot (label IGNORE_LABEL), so batch counts
+and shapes stay equal on every rank.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
+import multiprocessing
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import webdataset as wds
@@ -35,6 +45,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import augment
 from data_prep.manifest import PrepError, load_manifest
+
+from .metrics import IGNORE_LABEL
 
 
 def mix_seed(*parts) -> int:
@@ -117,24 +129,79 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _raw_samples(urls: list[str]):
-    """(key, jpeg bytes, label) in shard order, read by webdataset."""
-    stream = wds.tarfile_to_samples()(({"url": u} for u in urls))
-    for sample in stream:
-        yield sample["__key__"], sample["jpg"], int(sample["cls"])
+class Sample(NamedTuple):
+    key: str
+    data: bytes  # the encoded image
+    label: int
+    shard: str
+    index: int  # position in the shard
 
 
-def sample_range(shards: list[Shard], start: int, stop: int):
-    """Samples ``start``..``stop - 1`` of the concatenated shards, opening only those needed."""
+class Skipped(NamedTuple):
+    """A sample that cannot be used, and why: it is recorded, never dropped silently."""
+    shard: str
+    index: int  # position in the shard
+    key: str | None  # None where a damaged tar lost it
+    reason: str
+
+    def record(self, split: str) -> dict:
+        return {"split": split, "shard": self.shard, "index": self.index, "key": self.key, "reason": self.reason}
+
+
+class BadSampleError(RuntimeError):
+    """A sample that cannot be read, where the policy is to stop; the message names it and the fix."""
+
+
+def bad_sample_message(record: dict, directory: Path | str) -> str:
+    where = f"sample {record['key']}" if record["key"] else f"sample #{record['index']}"
+    return (f"{record['shard']}: {record['split']} {where} {record['reason']}; check the shards with "
+            f"'python -m data_prep verify {directory}'")
+
+
+def checked(sample: dict, shard: str, index: int, num_classes: int) -> Sample | Skipped:
+    key = sample["__key__"]
+    missing = [field for field in ("jpg", "cls") if field not in sample]
+    if missing:
+        return Skipped(shard, index, key, f"lacks {', '.join(missing)} (damaged shard)")
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        return Skipped(shard, index, key, f"has an unreadable label {sample['cls'][:20]!r} (damaged shard)")
+    if not 0 <= label < num_classes:
+        return Skipped(shard, index, key, f"has label {label}, outside 0..{num_classes - 1}")
+    return Sample(key, sample["jpg"], label, shard, index)
+
+
+def shard_range(shard: Shard, first: int, last: int, num_classes: int):
+    """Samples ``first``..``last - 1`` of one shard, read by webdataset: exactly ``last - first``
+    items, each a Sample or a Skipped. Never raises on damage: a tar that breaks (or ends early:
+    tarfile takes a zeroed header for the end of the archive) cannot be resynchronised without
+    knowing where each sample starts, so the rest of the range is recorded as unreadable."""
+    index, last_key = 0, None
+    try:
+        for sample in wds.tarfile_to_samples()([{"url": shard.url}]):
+            if index >= last:
+                return
+            if index >= first:
+                yield checked(sample, shard.url, index, num_classes)
+            index, last_key = index + 1, sample["__key__"]
+        reason = f"is missing: the shard ends after {index} of the {shard.samples} samples of the manifest"
+    except Exception as exc:  # any tar or I/O failure: what follows in this shard cannot be located
+        reason = f"is unreadable: the tar breaks after sample {index} ({type(exc).__name__}: {exc})"
+    if last_key is not None:
+        reason += f", the last one read being {last_key}"
+    for i in range(max(index, first), last):
+        yield Skipped(shard.url, i, None, reason)
+
+
+def sample_range(shards: list[Shard], start: int, stop: int, num_classes: int):
+    """Samples ``start``..``stop - 1`` of the concatenated shards (Sample or Skipped each),
+    opening only those needed."""
     offset = 0
     for shard in shards:
-        first, last = max(offset, start), min(offset + shard.samples, stop)
+        first, last = max(offset, start) - offset, min(offset + shard.samples, stop) - offset
         if first < last:
-            for i, sample in enumerate(_raw_samples([shard.url]), start=offset):
-                if i >= last:
-                    break
-                if i >= first:
-                    yield sample
+            yield from shard_range(shard, first, last, num_classes)
         offset += shard.samples
 
 
@@ -144,45 +211,61 @@ def equal_ranges(total: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def stack_batches(samples, batch_size: int):
-    images, labels = [], []
+def stack_batches(samples, batch_size: int, blank: torch.Tensor | None = None):
+    """Batches of (uint8 images, int64 labels, skip records) from (image, label) pairs, where an
+    image of None stands for a skipped sample and its label for its record.
+
+    Training passes ``blank`` (a zero image): a skipped sample's slot is kept, holding a copy of
+    another image of the batch (so that batch norm sees real images; ``blank`` if there is none)
+    with IGNORE_LABEL, so that every rank keeps its batch count and shapes. Validation passes no
+    ``blank``: the slot is dropped (a batch may then hold no image, only records)."""
+    images, labels, skipped = [], [], []
+
+    def batch():
+        if blank is None:
+            kept = [(x, y) for x, y in zip(images, labels) if x is not None]
+            stacked = torch.stack([x for x, _ in kept]) if kept else torch.zeros(0, dtype=torch.uint8)
+            return stacked, torch.tensor([y for _, y in kept], dtype=torch.int64), tuple(skipped)
+        stand_in = next((x for x in images if x is not None), blank)
+        stacked = torch.stack([stand_in if x is None else x for x in images])
+        return stacked, torch.tensor(labels, dtype=torch.int64), tuple(skipped)
+
     for image, label in samples:
+        if image is None:
+            skipped.append(label)
+            label = IGNORE_LABEL
         images.append(image)
         labels.append(label)
         if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-            images, labels = [], []
+            yield batch()
+            images, labels, skipped = [], [], []
     if images:
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        yield batch()
 
 
 def interleave(segments: list[tuple], rng: random.Random, width: int):
-    """Merge ``segments``, (sample iterable, length, shard path) triples, keeping up to ``width`` of them open
+    """Merge ``segments``, (sample iterable, length) pairs, keeping up to ``width`` of them open
     and opening the next in order when one runs out. Each next sample comes from an open
     segment drawn with probability proportional to the samples it has left, so the open
     segments are merged in uniformly random order."""
     pending = iter(segments)
-    active: list[list] = []  # [iterator, samples left, shard path]
+    active: list[list] = []  # [iterator, samples left]
 
     def refill():
-        for samples, length, path in pending:
+        for samples, length in pending:
             if length > 0:
-                active.append([iter(samples), length, path])
+                active.append([iter(samples), length])
                 if len(active) == width:
                     return
 
     refill()
     while active:
-        pick = rng.randrange(sum(left for _, left, _ in active))
+        pick = rng.randrange(sum(left for _, left in active))
         i = 0
         while pick >= active[i][1]:
             pick -= active[i][1]
             i += 1
-        sample = next(active[i][0], None)
-        if sample is None:
-            raise RuntimeError(f"{active[i][2]}: the training shard holds fewer samples than the manifest says "
-                               f"(check the shards with 'python -m data_prep verify')")
-        yield sample
+        yield next(active[i][0])  # shard_range yields exactly `length` items, damaged or not
         active[i][1] -= 1
         if active[i][1] == 0:
             active.pop(i)
@@ -192,9 +275,10 @@ def interleave(segments: list[tuple], rng: random.Random, width: int):
 class TrainStream(IterableDataset):
     def __init__(self, shards: list[Shard], *, batch_size: int, batches_per_epoch: int, rank: int,
                  world_size: int, seed: int, image_size: int, crop: augment.CropSpec | None,
-                 baked: bool, shuffle_buffer: int, eval_resize: int,
+                 baked: bool, shuffle_buffer: int, eval_resize: int, num_classes: int,
                  photometric: augment.PhotometricSpec | None = None, interleave_shards: int = 4):
         self.shards, self.batch_size, self.batches_per_epoch = shards, batch_size, batches_per_epoch
+        self.num_classes = num_classes
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.image_size, self.crop, self.baked = image_size, crop, baked
         self.shuffle_buffer, self.eval_resize = shuffle_buffer, eval_resize
@@ -218,7 +302,7 @@ class TrainStream(IterableDataset):
         return order
 
     def lane_samples(self, lane: int, num_lanes: int):
-        """(key, encoded image, label) of lane ``lane`` of ``num_lanes`` (batches lane, lane + n, ...
+        """The Sample (or Skipped) items of lane ``lane`` of ``num_lanes`` (batches lane, lane + n, ...
         of this rank's epoch), in training order, all of them (also those before start_batch).
 
         The lane's contiguous range of the epoch's shard sequence is cut into per-shard segments,
@@ -236,7 +320,7 @@ class TrainStream(IterableDataset):
         for shard in shards:
             first, last = max(offset, start) - offset, min(offset + shard.samples, stop) - offset
             if first < last:
-                segments.append((sample_range([shard], first, last), last - first, shard.url))
+                segments.append((shard_range(shard, first, last, self.num_classes), last - first))
             offset += shard.samples
         rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "interleave"))
         samples = interleave(segments, rng, self.interleave_shards)
@@ -269,23 +353,31 @@ class TrainStream(IterableDataset):
         base = mix_seed(self.seed, self.epoch, self.rank, lane, "augment")
 
         def decoded():
-            for i, (key, data, label) in enumerate(self.lane_samples(lane, num_workers)):
+            for i, item in enumerate(self.lane_samples(lane, num_workers)):
                 if i < skip * self.batch_size:
                     continue  # resumed mid-epoch: these batches were already trained on
-                try:
-                    yield self._decode(data, base + i), label
-                except Exception as exc:
-                    raise RuntimeError(f"training sample {key}: cannot decode ({exc})") from exc
+                yield decode_or_skip(item, lambda data: self._decode(data, base + i), "train")
 
-        yield from stack_batches(decoded(), self.batch_size)
+        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        yield from stack_batches(decoded(), self.batch_size, blank)
+
+
+def decode_or_skip(item: Sample | Skipped, decode, split: str) -> tuple[torch.Tensor | None, int | dict]:
+    """(image, label), or (None, skip record) for a sample that cannot be read or decoded."""
+    if isinstance(item, Skipped):
+        return None, item.record(split)
+    try:
+        return decode(item.data), item.label
+    except Exception as exc:  # any decoder failure (corrupt data, a decompression bomb) is this sample's
+        return None, Skipped(item.shard, item.index, item.key, f"does not decode ({type(exc).__name__}: {exc})").record(split)
 
 
 class EvalStream(IterableDataset):
     """Each validation sample once, in one (rank, worker) slot; the last batch may be short."""
 
     def __init__(self, shards: list[Shard], *, batch_size: int, rank: int, world_size: int,
-                 image_size: int, resize: int):
-        self.shards, self.batch_size = shards, batch_size
+                 image_size: int, resize: int, num_classes: int):
+        self.shards, self.batch_size, self.num_classes = shards, batch_size, num_classes
         self.rank, self.world_size, self.image_size, self.resize = rank, world_size, image_size, resize
 
     def __iter__(self):
@@ -293,18 +385,33 @@ class EvalStream(IterableDataset):
         total = sum(s.samples for s in self.shards)
         start, stop = equal_ranges(total, self.world_size * num_workers)[self.rank * num_workers + worker]
 
-        def decoded():
-            for key, data, label in sample_range(self.shards, start, stop):
-                try:
-                    yield augment.decode_center_crop(data, self.image_size, self.resize), label
-                except Exception as exc:
-                    raise RuntimeError(f"validation sample {key}: cannot decode ({exc})") from exc
-
-        yield from stack_batches(decoded(), self.batch_size)
+        items = sample_range(self.shards, start, stop, self.num_classes)
+        decode = lambda data: augment.decode_center_crop(data, self.image_size, self.resize)  # noqa: E731
+        yield from stack_batches((decode_or_skip(item, decode, "val") for item in items), self.batch_size)
 
 
 def eval_resize_for(image_size: int, eval_resize: int | None) -> int:
     return eval_resize or round(image_size * 256 / 224)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """SIGTERM reaches the whole process group (SLURM, torch's launcher): the training process
+    checkpoints and stops at the next step, but a loader worker killed by it would crash the
+    training process first. Workers still end with it (they watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def kill_leftover_workers() -> None:
+    """multiprocessing stops daemonic children at exit with SIGTERM, which loader workers now
+    ignore: those still running (their loader kept alive by an exception's traceback) would be
+    waited for forever. Runs before multiprocessing's own exit hook (atexit is last in, first out)."""
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover:
+        # The loader's SIGCHLD handler would report the kill as a worker failure, with a traceback.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in leftover:
+            child.kill()
 
 
 def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
@@ -316,6 +423,7 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> Data
         persistent_workers=False,  # workers re-read the stream's epoch at each iteration
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers else None,
+        worker_init_fn=ignore_sigterm if workers else None,
     )
 
 

@@ -22,14 +22,16 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from data_prep.manifest import PrepError
 
 from .config import ConfigError, load_config
 from .crops import CROP_COUNTS, network_input
-from .data import PreparedData, equal_ranges, eval_resize_for, make_loader, open_prepared
+from .data import BadSampleError, PreparedData, bad_sample_message, equal_ranges, eval_resize_for, make_loader, open_prepared
 from .eval_data import CropStream
+from .launch import on_every_rank
 from .metrics import Tally
 from .models import forward_with_aux
 from .run_files import CHECKPOINT_CHOICES, LoadedModel, RunError, data_directory, load_initial_model, load_model
@@ -107,8 +109,12 @@ def evaluate(models: list[LoadedModel], data: PreparedData, crops: int, accelera
     bar = tqdm(total=sum(b - a for a, b in ranges), unit="img", desc=f"{crops} crop{'s' * (crops > 1)}",
                disable=not acc.is_main_process, file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
-    for stacks, labels in make_loader(stream, workers, acc.device.type == "cuda"):
+    unreadable = []
+    for stacks, labels, skipped in make_loader(stream, workers, acc.device.type == "cuda"):
+        unreadable += skipped
         n = labels.numel()
+        if unreadable or not n:
+            continue  # the evaluation stops below, on every process alike
         stacks = stacks.to(acc.device, non_blocking=True).flatten(0, 1)
         labels = labels.to(acc.device)
         logits = _forward(models, stacks, batch_size, acc).view(len(models), n, per_image, -1)
@@ -118,6 +124,9 @@ def evaluate(models: list[LoadedModel], data: PreparedData, crops: int, accelera
             tallies[row].add(probs, labels, nll)
         bar.update(n)
     bar.close()
+    unreadable = gather_object(unreadable)
+    if unreadable:  # the paper's protocol counts every validation image: no skipping
+        raise on_every_rank(BadSampleError(bad_sample_message(unreadable[0], data.directory)))
     results = []
     base = None
     for row in rows:
@@ -229,6 +238,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     except (ConfigError, PrepError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BadSampleError as exc:  # raised alike on every process: the main one says it
+        if accelerator.is_main_process:
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else default_out(models, args.crops)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def _labels_pipeline():
 
 
 class FFCVInput:
-    """Training batches per epoch and validation batches, as uint8 NCHW + int64 labels."""
+    """Training batches per epoch and validation batches, as uint8 NCHW + int64 labels (+ no skip records)."""
 
     def __init__(self, data: PreparedData, *, batch_size: int, eval_batch_size: int, batches_per_epoch: int,
                  rank: int, world_size: int, seed: int, workers: int, image_size: int, eval_resize: int,
@@ -104,11 +104,11 @@ class FFCVInput:
         self.order.start_batch = start_batch
         self.train.next_epoch = epoch
         for images, labels in self.train:
-            yield images, labels.view(-1).long()
+            yield images, labels.view(-1).long(), ()  # no skip records: FFCV reads or raises
 
     def val_batches(self):
         if self.val is None:
             return
         for images, labels in self.val:
-            yield images, labels.view(-1).long()
+            yield images, labels.view(-1).long(), ()
 

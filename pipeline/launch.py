@@ -1,11 +1,14 @@
-"""The Accelerator every entry point (training, evaluation) runs under, checked against the launcher."""
+"""The Accelerator every entry point (training, evaluation) runs under, checked against the launcher,
+and what a failed collective means for the user."""
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import Config, ConfigError
 
@@ -14,9 +17,19 @@ class LaunchError(RuntimeError):
     """The processes did not form the group the launcher asked for."""
 
 
+def on_every_rank(exc: BaseException) -> BaseException:
+    """Mark an error that every process raises alike (after agreeing on it in a collective), so
+    that only the main process prints it."""
+    exc.on_every_rank = True
+    return exc
+
+
 def make_accelerator(config: Config) -> Accelerator:
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    # A NCCL collective that times out aborts the communicator and ends the process (instead of
+    # hanging on): with the timeout below, a dead node ends the job within that time.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     # Without cpu=True on a host without CUDA, Accelerate starts independent single-process runs
     # instead of one gloo group; on CUDA hosts, the launcher's settings apply as usual.
     accelerator = Accelerator(
@@ -24,6 +37,7 @@ def make_accelerator(config: Config) -> Accelerator:
         mixed_precision=config.train.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s))],
     )
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise; on a CPU-only host
@@ -37,3 +51,22 @@ def make_accelerator(config: Config) -> Accelerator:
             f"{accelerator.num_processes}; refusing to train as independent copies"
         )
     return accelerator
+
+
+# How gloo (and torch's store) report a peer that stopped answering or died.
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_PEER_LOST = re.compile(r"connection (closed|reset) by peer|broken pipe|socket closed", re.IGNORECASE)
+
+
+def collective_failure(exc: BaseException, timeout_s: float) -> str | None:
+    """One line saying what a failed collective means, or None if ``exc`` is something else."""
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    distributed = isinstance(exc, torch.distributed.DistError)
+    if _TIMED_OUT.search(text) and (distributed or "gloo" in text or "collective" in text.lower()):
+        return (f"a collective operation timed out after {timeout_s:g} s (train.collective_timeout_s): another "
+                f"process stopped responding (a dead node, a hung loader or GPU); see its log ({first})")
+    if _PEER_LOST.search(text):
+        return (f"another process of the job died or lost its connection ({first}); see its log. "
+                f"Run the same command to resume from the last checkpoint")
+    return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_LABEL = -100  # cross_entropy's default ignore_index: the label of a skipped sample's slot
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
     """For each k, the number of samples whose label is among the k highest logits."""
@@ -22,8 +24,9 @@ class Tally:
 
     @staticmethod
     def counts(logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> torch.Tensor:
-        """One batch's [count, correct1, correct5, loss_sum], to add to one or more tallies."""
-        count = torch.tensor([labels.numel()], device=labels.device)
+        """One batch's [count, correct1, correct5, loss_sum], to add to one or more tallies. Samples
+        labelled IGNORE_LABEL (skipped) are not counted, and never hit."""
+        count = labels.ne(IGNORE_LABEL).sum().reshape(1)
         row = torch.cat([count, topk_correct(logits, labels)]).double()
         return torch.cat([row, loss_sum.detach().double().reshape(1)])
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from data_prep import augment
 
+from .metrics import IGNORE_LABEL
 from .models import forward_with_aux
 
 
@@ -28,9 +29,14 @@ def network_input(images: torch.Tensor, device: torch.device, channels_last: boo
 
 def compute_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, aux_weight: float,
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Total loss (main + aux_weight x each auxiliary head), main logits, [main, aux...] losses."""
+    """Total loss (main + aux_weight x each auxiliary head), main logits, [main, aux...] losses.
+
+    Means over the labelled samples: a skipped sample's slot (IGNORE_LABEL, cross_entropy's
+    ignore_index) adds nothing, and a batch of skipped samples only gives a zero loss, not 0/0."""
     out = forward_with_aux(model, images)
-    losses = [F.cross_entropy(x.float(), labels, label_smoothing=label_smoothing) for x in (out.logits, *out.aux)]
+    labelled = labels.ne(IGNORE_LABEL).sum().clamp_min(1)  # no host sync
+    losses = [F.cross_entropy(x.float(), labels, label_smoothing=label_smoothing, reduction="sum") / labelled
+              for x in (out.logits, *out.aux)]
     total = losses[0] + aux_weight * sum(losses[1:]) if len(losses) > 1 else losses[0]
     return total, out.logits, torch.stack(losses).detach()
 

@@ -2,7 +2,8 @@
 
 Everything for step S is logged before checkpoint S is written. On resume from checkpoint S,
 TensorBoard's ``purge_step=S+1`` hides whatever the interrupted run logged after S, and
-``metrics.jsonl`` is cut back to S, so no step is shown twice or lost.
+``metrics.jsonl`` (and ``skipped_samples.jsonl``) are cut back to S, so no step is shown twice
+or lost.
 """
 from __future__ import annotations
 
@@ -18,30 +19,44 @@ from .metrics import Tally
 
 TRACKER_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
+SKIPPED_FILE = "skipped_samples.jsonl"  # see pipeline.bad_samples
 
 
 def start_tracking(accelerator, run_dir: Path, resume_step: int, config_text: str) -> None:
     init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step else {}
     accelerator.init_trackers(TRACKER_DIR, init_kwargs=init_kwargs)
     if accelerator.is_main_process:
-        _truncate_metrics(run_dir / METRICS_FILE, resume_step)
+        for name in (METRICS_FILE, SKIPPED_FILE):
+            _truncate(run_dir / name, resume_step)
         if not resume_step:
             # Markdown code block, so TensorBoard's text tab shows the YAML as written.
             text = "    " + config_text.replace("\n", "\n    ")
             accelerator.get_tracker("tensorboard").log({"config": text}, step=0)
 
 
-def _truncate_metrics(path: Path, resume_step: int) -> None:
+def _truncate(path: Path, resume_step: int) -> None:
+    """Keep the lines up to the resumed step; a line cut short by a crash or a full disk goes too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= resume_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
     path.write_text("".join(line + "\n" for line in kept))
 
 
 def append_metrics(accelerator, run_dir: Path, record: dict) -> None:
+    append_records(accelerator, run_dir / METRICS_FILE, [record])
+
+
+def append_records(accelerator, path: Path, records: list[dict]) -> None:
+    """JSON lines, each with the ``step`` it belongs to (a resume cuts the file back by it)."""
     if accelerator.is_main_process:
-        with open(run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
 
 
 def log_image_grid(accelerator, images: torch.Tensor, step: int, count: int = 32) -> None:

@@ -27,13 +27,15 @@ from data_prep import augment
 from data_prep.manifest import PrepError
 
 from . import tracking
+from .bad_samples import BadSamples
 from .checkpoint import CheckpointManager, resume_latest
 from .config import Config, ConfigError, dump
 from .data import EvalStream, PreparedData, TrainStream, WebDatasetInput, eval_resize_for, mix_seed, open_prepared
-from .launch import make_accelerator
-from .metrics import Tally
+from .launch import make_accelerator, on_every_rank
+from .metrics import IGNORE_LABEL, Tally
 from .models import build_model, load_torchvision_weights
-from .preemption import PreemptionWatch
+from .preemption import REQUEUE, PreemptionWatch
+from .run_lock import RunDirInUse, RunLock, acquire
 from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr
 from .run_files import write_classes
 from .schedule import build_scheduler
@@ -43,6 +45,10 @@ from .validate import validate
 
 class Preempted(Exception):
     """The job was told to stop; a checkpoint of the current step has been written."""
+
+    def __init__(self, asked: int):
+        super().__init__(asked)
+        self.requeue = asked == REQUEUE
 
 
 @dataclass
@@ -70,7 +76,9 @@ class Run:
     photometric: augment.PhotometricSpec | None  # batched on the device; None when off or done in workers
     checkpoints: CheckpointManager
     preemption: PreemptionWatch
+    bad_samples: BadSamples
     progress: Progress = field(default_factory=Progress)
+    lock: RunLock | None = None  # the main process's hold on the run directory, while fit runs
 
     @property
     def run_dir(self) -> Path:
@@ -152,6 +160,8 @@ def build_run(config: Config, data: PreparedData) -> Run:
         photometric=photometric if distort and not in_workers else None,
         checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
         preemption=PreemptionWatch().install(),
+        bad_samples=BadSamples(c.data.on_bad_sample, c.data.max_skipped_fraction, layout.epoch_images,
+                               data.directory, c.run_dir),
     )
 
 
@@ -179,18 +189,33 @@ def make_input(c: Config, data: PreparedData, accelerator: Accelerator, layout: 
         data.train, batch_size=c.data.batch_size, batches_per_epoch=layout.batches_per_epoch, rank=rank,
         world_size=world, seed=c.seed, image_size=c.data.image_size, crop=crop, baked=data.augment_copies > 0,
         shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric_in_workers,
-        interleave_shards=c.data.interleave_shards,
+        interleave_shards=c.data.interleave_shards, num_classes=data.num_classes,
     )
     val = EvalStream(data.val, batch_size=eval_batch_size, rank=rank, world_size=world,
-                     image_size=c.data.image_size, resize=eval_resize)
+                     image_size=c.data.image_size, resize=eval_resize, num_classes=data.num_classes)
     return WebDatasetInput(train, val, c.data.workers, accelerator.device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run: Run) -> Path:
-    p = run.progress
-    state = {"step": p.step, "skipped_steps": p.skipped_steps, "best": p.best, "layout": run.layout_record()}
-    return run.checkpoints.save(p.step, state)
+    p, acc = run.progress, run.accelerator
+    lost = run.lock is not None and not run.lock.still_ours()
+    if acc.reduce(torch.tensor([int(lost)], device=acc.device), reduction="max").item():
+        raise on_every_rank(RunDirInUse(run.run_dir, message=f"{run.run_dir}: another job took over the run "
+                                        f"directory (see its run.lock); stopping without writing a checkpoint"))
+    run.bad_samples.flush(acc)  # every record up to this step is written before the checkpoint
+    state = {"step": p.step, "skipped_steps": p.skipped_steps, "best": p.best, "layout": run.layout_record(),
+             **run.bad_samples.state()}
+    return run.checkpoints.save(p.step, state, size_estimate=lambda: state_bytes(run))
+
+
+def state_bytes(run: Run) -> int:
+    """About what a checkpoint takes on disk: the model, the optimizer's state and the EMA."""
+    tensors = [*run.bare_model().state_dict().values(),
+               *(t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
+    if run.ema is not None:
+        tensors += list(run.ema.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def resume(run: Run) -> None:
@@ -198,6 +223,7 @@ def resume(run: Run) -> None:
     if found is not None:
         path, state = found
         run.progress = Progress(state["step"], state.get("skipped_steps", 0), state.get("best", {}))
+        run.bad_samples.load_state(state)
         run.log(f"resumed from {path} (step {run.progress.step})")
 
 
@@ -228,56 +254,62 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
     start_update = progress.step - epoch * layout.updates_per_epoch
     end_update = min(layout.updates_per_epoch, layout.total_updates - epoch * layout.updates_per_epoch)
     batches = run.input.train_batches(epoch, start_update * accum)
+    if start_update == 0:
+        run.bad_samples.new_epoch()
     epoch_tally, window = Tally(), tracking.LogWindow()
     epoch_start, epoch_images = time.perf_counter(), 0
-    bar = tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
-               disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True)
     grid_logged = not c.train.image_grid
-    for update in range(start_update, end_update):
-        step = progress.step
-        for micro in range(accum):
-            wait_start = time.perf_counter()
-            images, labels = next_batch(run, batches, epoch)
-            window.data_wait += time.perf_counter() - wait_start
-            torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
-            generator = (torch.Generator().manual_seed(mix_seed(c.seed, step * accum + micro, acc.process_index, "photo"))
-                         if run.photometric else None)
-            inputs = network_input(images, acc.device, c.model.channels_last, run.photometric, generator)
-            labels = labels.to(acc.device, non_blocking=True)
-            if not grid_logged:
-                tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
-                grid_logged = True
-            # Gradients are all-reduced once per update, on its last micro-batch.
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)
-            with sync, acc.autocast():
-                loss, logits, losses = compute_loss(run.model, inputs, labels, c.model.aux_weight,
-                                                    c.optim.label_smoothing)
-            acc.backward(loss / accum)
-            counts = Tally.counts(logits.detach().float(), labels, losses[0] * labels.numel())  # once, for both
-            epoch_tally.add_counts(counts)
-            window.add(counts, losses, labels.numel())
-            epoch_images += labels.numel()
-        applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
-        progress.step += 1
-        progress.skipped_steps += not applied
-        if run.ema is not None and applied and progress.step % c.ema.every == 0:
-            run.ema.update_parameters(run.bare_model())
-        bar.update(1)
+    # The bar is closed on any exit, so that an error line is not drawn over.
+    with tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
+              disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
+        for update in range(start_update, end_update):
+            step = progress.step
+            for micro in range(accum):
+                wait_start = time.perf_counter()
+                images, labels, skipped = next_batch(run, batches, epoch)
+                window.data_wait += time.perf_counter() - wait_start
+                if skipped:  # the slots carry no label; the policy is applied after the update
+                    run.bad_samples.add(skipped, step=step + 1, epoch=epoch, rank=acc.process_index)
+                torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
+                generator = (torch.Generator().manual_seed(mix_seed(c.seed, step * accum + micro, acc.process_index, "photo"))
+                             if run.photometric else None)
+                inputs = network_input(images, acc.device, c.model.channels_last, run.photometric, generator)
+                labels = labels.to(acc.device, non_blocking=True)
+                if not grid_logged:
+                    tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
+                    grid_logged = True
+                # Gradients are all-reduced once per update, on its last micro-batch.
+                sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)
+                with sync, acc.autocast():
+                    loss, logits, losses = compute_loss(run.model, inputs, labels, c.model.aux_weight,
+                                                        c.optim.label_smoothing)
+                acc.backward(loss / accum)
+                labelled = labels.ne(IGNORE_LABEL).sum()
+                counts = Tally.counts(logits.detach().float(), labels, losses[0] * labelled)  # once, for both
+                epoch_tally.add_counts(counts)
+                window.add(counts, losses, labels.numel())
+                epoch_images += labels.numel()
+            applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
+            progress.step += 1
+            progress.skipped_steps += not applied
+            run.bad_samples.flush(acc)  # stop on every rank alike, or record and train on
+            if run.ema is not None and applied and progress.step % c.ema.every == 0:
+                run.ema.update_parameters(run.bare_model())
+            bar.update(1)
 
-        last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
-        if progress.step % c.train.log_every_steps == 0 or last_of_epoch:
-            log_window(run, window, tracker, bar)
-            window = tracking.LogWindow()
-        every = c.train.checkpoint_every_steps
-        saved = bool(every) and progress.step % every == 0 and update != layout.updates_per_epoch - 1
-        if saved:
-            save_checkpoint(run)
-        if not last_of_epoch and run.preemption.should_stop(acc):  # the same answer on every rank
-            bar.close()
-            if not saved:
+            last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
+            if progress.step % c.train.log_every_steps == 0 or last_of_epoch:
+                log_window(run, window, tracker, bar)
+                window = tracking.LogWindow()
+            every = c.train.checkpoint_every_steps
+            saved = bool(every) and progress.step % every == 0 and update != layout.updates_per_epoch - 1
+            if saved:
                 save_checkpoint(run)
-            raise Preempted()
-    bar.close()
+            asked = 0 if last_of_epoch else run.preemption.should_stop(acc)  # the same answer on every rank
+            if asked:
+                if not saved:
+                    save_checkpoint(run)
+                raise Preempted(asked)
     epoch_done = end_update == layout.updates_per_epoch  # else the run ends mid-epoch (max_steps)
     return end_epoch(run, epoch, epoch_tally, epoch_images / (time.perf_counter() - epoch_start), epoch_done)
 
@@ -297,6 +329,8 @@ def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
     values = window.values(run.accelerator, run.scheduler.get_last_lr()[0])
     if run.progress.skipped_steps:
         values["train/skipped_steps"] = run.progress.skipped_steps
+    if run.bad_samples.total:
+        values["data/skipped_samples"] = run.bad_samples.total
     if tracker is not None:
         tracker.log(values, step=run.progress.step)
         bar.set_postfix(loss=f"{values['train/loss']:.3f}", err=f"{values['train/top1_error']:.3f}",
@@ -314,17 +348,20 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_d
     if not ((epoch + 1) % c.train.eval_every_epochs == 0 or final):
         save_checkpoint(run)
         return record
-    train = tally.reduce(acc).errors()
+    trained = tally.reduce(acc)
+    train = trained.errors()
     sync_buffers(run)
     models = {"model": run.bare_model()} | ({"ema": run.ema.module} if run.ema is not None else {})
+    on_skipped = lambda records: run.bad_samples.add(records, step=step, epoch=epoch, rank=acc.process_index)  # noqa: E731
     results = dict(zip(models, validate(list(models.values()), run.input.val_batches(), acc,
                                         channels_last=c.model.channels_last, expected=run.data.val_samples,
-                                        where=str(run.data.directory))))
+                                        where=str(run.data.directory), on_skipped=on_skipped)))
+    run.bad_samples.flush(acc)
     val = results["model"]
     record.update({
-        "train_top1_error": train["top1_error"], "train_top5_error": train["top5_error"], "train_loss": train["loss"],
+        "train_samples": trained.count, "train_top1_error": train["top1_error"], "train_top5_error": train["top5_error"], "train_loss": train["loss"],
         "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"], "val_loss": val["loss"],
-        "val_samples": val["count"], "images_per_sec": images_per_sec * acc.num_processes,
+        "val_samples": val["count"], "val_skipped": val["skipped"], "images_per_sec": images_per_sec * acc.num_processes,
     })
     values = {"val/top1_error": val["top1_error"], "val/top5_error": val["top5_error"], "val/loss": val["loss"]}
     if "ema" in results:
@@ -338,6 +375,7 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_d
         f"epoch {record['epoch']:g}: step {step}, train loss {train['loss']:.3f}, "
         f"train top-1 error {train['top1_error']:.3f}, val top-1/top-5 error {val['top1_error']:.3f}/{val['top5_error']:.3f}"
         + (f" (EMA {record['ema_val_top1_error']:.3f}/{record['ema_val_top5_error']:.3f})" if "ema" in results else "")
+        + (f" on {val['count']} images ({val['skipped']} unreadable, skipped)" if val["skipped"] else "")
         + f", {record['images_per_sec']:.0f} img/s"
     )
     improved = [kind for kind, r in results.items() if r["top1_error"] < progress.best.get(kind, float("inf"))]
@@ -360,7 +398,35 @@ def describe(run: Run) -> str:
             f"{layout.total_updates} updates in all, {lr}{ema}")
 
 
+def hold_run_directory(run: Run) -> None:
+    """The main process locks the run directory for this job; every process learns the outcome,
+    so that a refused launch ends everywhere with the main process's message."""
+    acc, failure = run.accelerator, None
+    if acc.is_main_process:
+        try:
+            run.lock = acquire(run.run_dir)
+            run.lock.start_heartbeat()
+            if run.lock.took_over is not None:
+                run.log(f"took over the run directory from {run.lock.took_over.describe()} ({run.lock.took_over_why})")
+        except Exception as exc:  # refused, or the directory cannot be written: the others must hear of it
+            failure = exc
+    if acc.reduce(torch.tensor([int(failure is not None)], device=acc.device), reduction="max").item():
+        if failure is not None:
+            raise failure
+        raise on_every_rank(RunDirInUse(run.run_dir, message=f"{run.run_dir}: the main process could not "
+                                                             f"lock it (its message says why)"))
+
+
 def fit(run: Run) -> dict:
+    hold_run_directory(run)
+    try:
+        return train_and_validate(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def train_and_validate(run: Run) -> dict:
     acc, c = run.accelerator, run.config
     started = time.perf_counter()
     if acc.is_main_process:
@@ -381,13 +447,17 @@ def fit(run: Run) -> dict:
         while run.progress.step < run.layout.total_updates:
             epoch = run.progress.step // run.layout.updates_per_epoch
             last_record = train_one_epoch(run, epoch, tracker) or last_record
-            if run.progress.step < run.layout.total_updates and run.preemption.should_stop(acc):
-                raise Preempted()  # end_epoch has just written the checkpoint
-    except Preempted:
-        outcome = run.preemption.requeue() if acc.is_main_process else ""
-        run.log(f"stopped at step {run.progress.step} on request, checkpoint written; {outcome}")
+            asked = run.preemption.should_stop(acc) if run.progress.step < run.layout.total_updates else 0
+            if asked:
+                raise Preempted(asked)  # end_epoch has just written the checkpoint
+    except Preempted as stop:
+        requeued, outcome = False, "not requeued; run the same command to resume"
+        if stop.requeue and acc.is_main_process:
+            requeued, outcome = run.preemption.requeue()
+        run.log(f"stopped at step {run.progress.step} on {'SIGUSR2' if stop.requeue else 'SIGTERM'}, "
+                f"checkpoint written; {outcome}")
         acc.end_training()
-        return {"preempted_at_step": run.progress.step}
+        return {"preempted_at_step": run.progress.step, "requeued": requeued or (stop.requeue and not acc.is_main_process)}
     sync_buffers(run)
     check_replicas(run)
     result = (f", validation top-1/top-5 error {last_record['val_top1_error']:.3f}/{last_record['val_top5_error']:.3f}"

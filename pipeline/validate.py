@@ -11,14 +11,21 @@ from .step import network_input
 
 @torch.no_grad()
 def validate(models: list[torch.nn.Module], batches, accelerator, *, channels_last: bool,
-             expected: int, where: str) -> list[dict[str, float]]:
+             expected: int, where: str, on_skipped=None) -> list[dict[str, float]]:
     """Errors and loss of each model; one decoding pass serves all of them (the trained weights
-    and their EMA). Counts are all-reduced and must equal ``expected`` (the manifest's)."""
+    and their EMA). The records of samples that cannot be read go to ``on_skipped(records)``; the
+    all-reduced counts plus those skipped must equal ``expected`` (the manifest's)."""
     modes = [m.training for m in models]
     for model in models:
         model.eval()
     tallies = [Tally() for _ in models]
-    for images, labels in batches:
+    skipped = 0
+    for images, labels, records in batches:
+        if records:
+            skipped += len(records)
+            on_skipped(records)
+        if not labels.numel():
+            continue
         inputs = network_input(images, accelerator.device, channels_last)
         labels = labels.to(accelerator.device)
         for model, tally in zip(models, tallies):
@@ -27,10 +34,12 @@ def validate(models: list[torch.nn.Module], batches, accelerator, *, channels_la
             tally.add(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
     for model, mode in zip(models, modes):
         model.train(mode)
+    skipped = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum").item())
     results = []
     for tally in tallies:
         total = tally.reduce(accelerator)
-        if total.count != expected:
-            raise RuntimeError(f"validation counted {total.count} samples, the manifest of {where} says {expected}")
-        results.append({**total.errors(), "count": total.count})
+        if total.count + skipped != expected:
+            raise RuntimeError(f"validation counted {total.count} samples and skipped {skipped}, "
+                               f"the manifest of {where} says {expected}")
+        results.append({**total.errors(), "count": total.count, "skipped": skipped})
     return results

@@ -1,8 +1,8 @@
 """The trainer's WebDataset input pipeline: rank/worker splitting, equal lengths, resume, exact eval."""
 from __future__ import annotations
 
+import io
 import json
-import random
 import re
 import shutil
 import tarfile
@@ -11,21 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from data_prep import augment
 from data_prep.manifest import PrepError
-from pipeline.data import EvalStream, TrainStream, interleave, make_loader, open_prepared
+from pipeline.data import EvalStream, Skipped, TrainStream, make_loader, open_prepared, shard_range
+from pipeline.metrics import IGNORE_LABEL
 
 
 def train_stream(data, rank=0, world=1, batches=None, batch_size=4, seed=0):
     per_rank = batches or data.train_samples // (batch_size * world)
     return TrainStream(data.train, batch_size=batch_size, batches_per_epoch=per_rank, rank=rank, world_size=world,
                        seed=seed, image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20,
-                       eval_resize=36)
+                       eval_resize=36, num_classes=data.num_classes)
 
 
 def batches_of(stream, workers):
-    return [(x.clone(), y.clone()) for x, y in make_loader(stream, workers, pin_memory=False)]
+    batches = [(x.clone(), y.clone(), skipped) for x, y, skipped in make_loader(stream, workers, pin_memory=False)]
+    assert not any(skipped for _, _, skipped in batches)  # sound shards: nothing skipped
+    return [(x, y) for x, y, _ in batches]
 
 
 def test_open_prepared_reports_missing_manifest_and_shards(tiny_data, tmp_path):
@@ -88,8 +92,10 @@ def test_validation_counts_every_sample_exactly_once(tiny_data, world, workers):
     seen = Counter()
     pixels = []
     for rank in range(world):
-        stream = EvalStream(data.val, batch_size=3, rank=rank, world_size=world, image_size=32, resize=36)
-        for x, y in make_loader(stream, workers, pin_memory=False):
+        stream = EvalStream(data.val, batch_size=3, rank=rank, world_size=world, image_size=32, resize=36,
+                            num_classes=data.num_classes)
+        for x, y, skipped in make_loader(stream, workers, pin_memory=False):
+            assert not skipped
             seen.update(int(v) for v in y)
             pixels.extend(x.reshape(len(x), -1).float().sum(1).tolist())
     assert sum(seen.values()) == data.val_samples == 16
@@ -106,11 +112,12 @@ def key_stream(data, rank=0, world=1, batch_size=5, seed=0, **kwargs):
     epoch_samples = data.train_samples // max(1, data.augment_copies)
     options = {"crop": None, "baked": data.augment_copies > 0, "shuffle_buffer": 20, **kwargs}
     return TrainStream(data.train, batch_size=batch_size, batches_per_epoch=epoch_samples // (batch_size * world),
-                       rank=rank, world_size=world, seed=seed, image_size=32, eval_resize=36, **options)
+                       rank=rank, world_size=world, seed=seed, image_size=32, eval_resize=36,
+                       num_classes=data.num_classes, **options)
 
 
 def lane_keys(stream, lane, lanes) -> list[str]:
-    return [key for key, _, _ in stream.lane_samples(lane, lanes)]
+    return [sample.key for sample in stream.lane_samples(lane, lanes)]
 
 
 def shard_keys(url: str) -> list[str]:
@@ -204,8 +211,8 @@ def test_loader_batches_are_the_decoded_lane_samples(tiny_data):
     expected = []
     for index in range(stream.batches_per_epoch):
         samples = lanes[index % 2][index // 2 * 4:][:4]
-        expected.append((torch.stack([augment.decode_center_crop(jpg, 32, 36) for _, jpg, _ in samples]),
-                         torch.tensor([label for _, _, label in samples])))
+        expected.append((torch.stack([augment.decode_center_crop(s.data, 32, 36) for s in samples]),
+                         torch.tensor([s.label for s in samples])))
     assert len(loaded) == len(expected) == 12
     for (x, y), (xe, ye) in zip(loaded, expected):
         assert torch.equal(x, xe) and torch.equal(y, ye)
@@ -273,7 +280,8 @@ def test_baked_epoch_sees_every_source_image_once_from_one_copy(baked_data, worl
 def test_baked_epoch_longer_than_a_copy_group_is_refused(baked_data):
     data = open_prepared(baked_data)
     stream = TrainStream(data.train, batch_size=4, batches_per_epoch=data.train_samples // 4, rank=0, world_size=1,
-                         seed=0, image_size=32, crop=None, baked=True, shuffle_buffer=0, eval_resize=32)
+                         seed=0, image_size=32, crop=None, baked=True, shuffle_buffer=0, eval_resize=32,
+                         num_classes=data.num_classes)
     with pytest.raises(ValueError, match="exceed the epoch's 32 training samples"):
         next(stream.lane_samples(0, 1))
 
@@ -284,11 +292,88 @@ def test_baked_epoch_through_the_loader(baked_data):
     stream.set_epoch(4)
     batches = batches_of(stream, 2)
     assert len(batches) == 8 and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8 for x, _ in batches)
-    labels = [label for lane in range(2) for _, _, label in stream.lane_samples(lane, 2)]
+    labels = [sample.label for lane in range(2) for sample in stream.lane_samples(lane, 2)]
     assert sorted(int(v) for _, y in batches for v in y) == sorted(labels)
 
 
-def test_a_shard_shorter_than_its_manifest_is_named():
-    segments = [(iter([("a", b"", 0)]), 1, "train-000000.tar"), (iter([("b", b"", 0)]), 2, "train-000001.tar")]
-    with pytest.raises(RuntimeError, match="train-000001.tar: the training shard holds fewer samples"):
-        list(interleave(segments, random.Random(0), width=2))
+# ----------------------------------------------------------------------------- damaged shards
+def damaged_copy(tiny_data, tmp_path, shard_name: str, damage) -> Path:
+    """The prepared data, with one shard damaged after preparation by ``damage(bytes) -> bytes``."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(tiny_data, copy)
+    path = copy / shard_name
+    path.write_bytes(damage(path.read_bytes()))
+    return copy
+
+
+def zero_middle(data: bytes) -> bytes:
+    """A zeroed run of blocks from 40% to 60% of the file, as a failing disk or a bad copy leaves it."""
+    start, stop = len(data) * 2 // 5 // 512 * 512, len(data) * 3 // 5
+    return data[:start] + bytes(stop - start) + data[stop:]
+
+
+def test_a_damaged_shard_yields_every_position_once_as_a_sample_or_a_record(tiny_data, tmp_path):
+    data = open_prepared(damaged_copy(tiny_data, tmp_path, "train-000003.tar", zero_middle))
+    shard = data.train[3]
+    items = list(shard_range(shard, 0, shard.samples, data.num_classes))
+    assert [item.index for item in items] == list(range(shard.samples))  # each position once, in order
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    assert 0 < len(skipped) < shard.samples  # the samples before the damage are read
+    assert all(item.shard == shard.url for item in skipped)
+    assert all(any(words in item.reason for words in ("damaged shard", "tar breaks", "ends after"))
+               for item in skipped), skipped
+    # A range starting after the damage: its samples cannot be located, so all are recorded
+    tail = list(shard_range(shard, shard.samples - 1, shard.samples, data.num_classes))
+    assert len(tail) == 1 and isinstance(tail[0], Skipped) and tail[0].index == shard.samples - 1
+
+
+def test_training_batches_keep_their_shape_and_account_for_every_sample(tiny_data, tmp_path):
+    data = open_prepared(damaged_copy(tiny_data, tmp_path, "train-000003.tar", zero_middle))
+    stream = train_stream(data, batches=data.train_samples // 4)
+    stream.set_epoch(0)
+    batches = list(make_loader(stream, 2, pin_memory=False))
+    assert len(batches) == data.train_samples // 4 and all(x.shape == (4, 3, 32, 32) for x, _, _ in batches)
+    records = [r for _, _, skipped in batches for r in skipped]
+    labelled = sum(int(y.ne(IGNORE_LABEL).sum()) for _, y, _ in batches)
+    assert records and labelled + len(records) == len(batches) * 4
+    assert sum(int(y.eq(IGNORE_LABEL).sum()) for _, y, _ in batches) == len(records)
+    assert {r["shard"] for r in records} == {str(data.directory / "train-000003.tar")}
+    assert len({(r["shard"], r["index"]) for r in records}) == len(records)  # none twice
+
+
+def test_an_image_that_does_not_decode_is_recorded_by_key(tiny_data, tmp_path):
+    def spoil_first_jpeg(raw: bytes) -> bytes:  # the tar stays intact; one image's bytes are garbage
+        start = raw.index(b"\xff\xd8\xff")
+        return raw[:start + 200] + bytes(range(256)) * 4 + raw[start + 200 + 1024:]
+
+    data = open_prepared(damaged_copy(tiny_data, tmp_path, "val-000000.tar", spoil_first_jpeg))
+    stream = EvalStream(data.val, batch_size=3, rank=0, world_size=1, image_size=32, resize=36,
+                        num_classes=data.num_classes)
+    batches = list(make_loader(stream, 0, pin_memory=False))
+    records = [r for _, _, skipped in batches for r in skipped]
+    with tarfile.open(data.val[0].url) as tar:
+        first_key = tar.getnames()[0].split(".")[0]
+    assert [(r["key"], r["index"], r["split"]) for r in records] == [(first_key, 0, "val")]
+    assert "does not decode" in records[0]["reason"]
+    assert sum(len(y) for _, y, _ in batches) == data.val_samples - 1
+
+
+def test_an_image_over_the_loaders_pixel_limit_is_recorded_not_raised(tiny_data, tmp_path):
+    """Shards prepared by an older version may hold an image a default Pillow refuses as a
+    decompression bomb (15000 x 15000): the loader records it and goes on."""
+    def with_a_huge_first_image(raw: bytes) -> bytes:
+        huge = io.BytesIO()
+        Image.new("L", (15000, 15000), 128).save(huge, format="JPEG")
+        out = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+            for i, member in enumerate(src.getmembers()):
+                payload = huge.getvalue() if i == 0 else src.extractfile(member).read()
+                member.size = len(payload)
+                dst.addfile(member, io.BytesIO(payload))
+        return out.getvalue()
+
+    data = open_prepared(damaged_copy(tiny_data, tmp_path, "val-000000.tar", with_a_huge_first_image))
+    stream = EvalStream(data.val, batch_size=3, rank=0, world_size=1, image_size=32, resize=36,
+                        num_classes=data.num_classes)
+    records = [r for _, _, skipped in make_loader(stream, 0, pin_memory=False) for r in skipped]
+    assert len(records) == 1 and records[0]["index"] == 0 and "DecompressionBombError" in records[0]["reason"]

@@ -169,7 +169,8 @@ def test_training_order_gives_each_rank_its_own_equal_part(tmp_path):
         assert [len(o) for o in orders] == [12, 12] and not set(orders[0]) & set(orders[1])
         batches = [list(i.train_batches(epoch)) for i in inputs]
         assert [len(b) for b in batches] == [3, 3]
-        images, labels = batches[0][0]
+        images, labels, skipped = batches[0][0]
+        assert not skipped
         assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8 and labels.dtype == torch.int64
     assert set(inputs[0].order.sample_order(0)) != set(inputs[0].order.sample_order(1))  # reshuffled per epoch
     # resumed after 2 batches: the rest of the same slice
@@ -177,7 +178,7 @@ def test_training_order_gives_each_rank_its_own_equal_part(tmp_path):
     assert len(list(inputs[0].train_batches(0, start_batch=2))) == 1
     assert list(inputs[0].order.sample_order(0)) == full[8:]
     # validation: contiguous ranges, every sample exactly once (25 over 2 ranks: 12 + 13)
-    counts = [sum(len(y) for _, y in i.val_batches()) for i in inputs]
+    counts = [sum(len(y) for _, y, _ in i.val_batches()) for i in inputs]
     assert counts == [12, 13]
 
 
@@ -256,14 +257,14 @@ def test_the_evaluation_cuts_the_trainers_ffcv_validation_pixels(tiny_ffcv):
     loader = FFCVInput(data, batch_size=4, eval_batch_size=5, batches_per_epoch=1, rank=0, world_size=1, seed=0,
                        workers=1, image_size=image_size, eval_resize=eval_resize, crop_area=None,
                        crop_ratio=(0.75, 4 / 3), flip=False)
-    trainer = torch.cat([images for images, _ in loader.val_batches()]).permute(0, 2, 3, 1)
+    trainer = torch.cat([images for images, _, _ in loader.val_batches()]).permute(0, 2, 3, 1)
     assert trainer.shape == (16, image_size, image_size, 3)
     del loader
     gc.collect()
     for crops in (1, 10):  # the base crop alone, and first in a stack of test-time crops
         stream = CropStream(data, crops=crops, image_size=image_size, eval_resize=eval_resize, images_per_batch=3,
                             rank=0, world_size=1)
-        base = torch.cat([stacks[:, 0] for stacks, _ in stream])
+        base = torch.cat([stacks[:, 0] for stacks, _, _ in stream])
         assert torch.equal(base, trainer), (crops, (base.int() - trainer.int()).abs().max())
 
 

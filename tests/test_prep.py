@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from data_prep import encode, verify
 from data_prep import manifest as manifest_mod
 from data_prep.plan import PrepParams
 from data_prep.sources import SourceError
@@ -376,3 +379,93 @@ def test_verify_accepts_good_shards_and_names_damage(tmp_path):
     assert bad.returncode == 1
     assert f"{shard}: sha256 differs from the manifest" in bad.stderr
     assert "train-000002.tar: missing" in bad.stderr
+
+
+# Just over Pillow's default limit (89,478,485 pixels), which warns about it; a flat colour
+# keeps making and decoding it fast.
+BIG = (12000, 7500)
+DOWNSCALED = "downscaled from 12000x7500: over 89478485 pixels, the most a default Pillow reads"
+
+
+def flat_jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_oversized_image_is_stored_at_a_size_the_loader_reads(tmp_path):
+    class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    (tmp_path / "train" / "a" / "huge.JPEG").write_bytes(flat_jpeg(BIG))
+    # resize_shorter alone would leave it at 11984x7490, still over the limit: the smaller size wins
+    out, manifest = prep(tmp_path, train=str(tmp_path / "train"), resize_shorter=7490)
+    assert Image.MAX_IMAGE_PIXELS == encode.MAX_STORED_PIXELS == 89_478_485  # preparing left the default
+
+    split = manifest["splits"]["train"]
+    assert (split["written"], split["skipped"], split["converted"]) == (5, 0, 1)
+    by_name = {m["name"]: (jpg, m) for jpg, _, m in read_back(out, "train")}
+    jpg, meta = by_name["a/huge.JPEG"]
+    assert meta["converted"] == DOWNSCALED
+    width, height = Image.open(io.BytesIO(jpg)).size
+    assert 0.999 * encode.MAX_STORED_PIXELS < width * height <= encode.MAX_STORED_PIXELS
+    assert abs(width / height - BIG[0] / BIG[1]) < 1 / height  # aspect ratio kept to the pixel
+    assert all("converted" not in m for n, (_, m) in by_name.items() if n != "a/huge.JPEG")
+
+    # Plain webdataset decoding, with Pillow's default limit: no DecompressionBombWarning.
+    urls = [str(out / s["name"]) for s in split["shards"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", ResourceWarning)  # webdataset leaves its files to the GC
+        sizes = [im.size for im, in wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg")]
+    assert len(sizes) == 5 and (width, height) in sizes
+    assert verify.verify(out) == []
+
+    # Baked augmented copies decode the source itself: within the input limit, not refused.
+    baked = run(PrepParams(train=str(tmp_path / "train"), augment_copies=1, augment_size=32), tmp_path / "baked")
+    assert baked["splits"]["train"]["written"] == 5 and baked["skipped"] == []
+
+
+def test_resize_shorter_below_the_limit_is_a_plain_resize():
+    result = encode.encode(flat_jpeg(BIG), encode.EncodeSpec(resize_shorter=3000))
+    assert (result.width, result.height, result.converted) == (4800, 3000, "resized from 12000x7500")
+
+
+def test_input_over_the_input_limit_is_skipped_with_its_size(tmp_path):
+    class_folders(tmp_path / "train", {"a": 2})
+    Image.new("1", (25000, 20000)).save(tmp_path / "train" / "a" / "bomb.png")  # 500 MP in ~60 KB
+    reason = "decompression bomb: 25000x20000 pixels, over the 400000000 pixel limit for inputs"
+    for copies in (0, 1):  # encode() and the baked copies' decoding refuse it alike
+        manifest = run(PrepParams(train=str(tmp_path / "train"), augment_copies=copies), tmp_path / f"out{copies}")
+        split = manifest["splits"]["train"]
+        assert (split["found"], split["written"], split["skipped"]) == (3, 2, 1)
+        assert manifest["skipped"] == [{"split": "train", "name": "a/bomb.png", "reason": reason}]
+
+
+def test_verify_names_a_stored_image_over_the_loader_limit(tmp_path):
+    class_folders(tmp_path / "train", {"a": 3})
+    out, manifest = prep(tmp_path, train=str(tmp_path / "train"))
+    shard = out / manifest["splits"]["train"]["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    key = members[0][0].split(".")[0]
+    # The shard as an older preparation wrote it: the oversized original stored unchanged.
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            data = flat_jpeg(BIG) if name == f"{key}.jpg" else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = _cli("verify", str(out))
+    assert result.returncode == 1
+    assert (f"{shard}: sample {key} is 12000x7500, over the 89478485 pixels the loader reads; "
+            "prepare the shards again") in result.stderr
+    assert f"{shard}: sha256 differs from the manifest" in result.stderr  # the other checks still run
+
+
+def test_data_prep_leaves_pillows_default_limit():
+    code = ("from PIL import Image; default = Image.MAX_IMAGE_PIXELS; "
+            "import data_prep.encode, data_prep.writer, data_prep.verify; "
+            "print(default, Image.MAX_IMAGE_PIXELS, data_prep.encode.MAX_STORED_PIXELS)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["89478485"] * 3
+    with pytest.raises(encode.BadImage, match="truncated"):  # a failure inside the raised limit restores it
+        encode.open_image(image_bytes(5, size=(200, 200))[:700])
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
