@@ -10,9 +10,11 @@ The loaders never raise on a damaged sample; its skip record comes with its batc
   ``data.max_skipped_fraction`` of an epoch's training samples were skipped, which means the data
   is damaged rather than a few odd files.
 
-The decision is collective: after every update and every validation, all ranks sum their new
-records (one tiny all-reduce; the records themselves are gathered only when there are some), so
-every rank stops at the same point with the same message, or trains on. The counts are saved in
+The decision is collective: at every log line (``train.log_every_steps``, the same steps on every
+rank), before every checkpoint and after every validation, all ranks sum their new records (one
+tiny all-reduce; the records themselves are gathered only when there are some), so every rank
+stops at the same point with the same message, or trains on. Until then a bad sample's slot
+carries no label, so the updates in between are sound. The counts are saved in
 checkpoints, and a resumed run cuts the file back to the checkpoint's step
 (``tracking.start_tracking``), so no record is lost or written twice.
 """

@@ -292,7 +292,6 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
             progress.step += 1
             progress.skipped_steps += not applied
-            run.bad_samples.flush(acc)  # stop on every rank alike, or record and train on
             if run.ema is not None and applied and progress.step % c.ema.every == 0:
                 run.ema.update_parameters(run.bare_model())
             bar.update(1)
@@ -329,7 +328,9 @@ def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
     values = window.values(run.accelerator, run.scheduler.get_last_lr()[0])
     if run.progress.skipped_steps:
         values["train/skipped_steps"] = run.progress.skipped_steps
-    if run.bad_samples.total:
+    # At the same steps on every rank, beside the window's own reduce: stop alike, or record and
+    # train on (until then a bad sample's slot carries no label, so training on it is harmless).
+    if run.bad_samples.flush(run.accelerator):
         values["data/skipped_samples"] = run.bad_samples.total
     if tracker is not None:
         tracker.log(values, step=run.progress.step)
@@ -377,6 +378,8 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_d
         + (f" (EMA {record['ema_val_top1_error']:.3f}/{record['ema_val_top5_error']:.3f})" if "ema" in results else "")
         + (f" on {val['count']} images ({val['skipped']} unreadable, skipped)" if val["skipped"] else "")
         + f", {record['images_per_sec']:.0f} img/s"
+        + (f"; {run.bad_samples.in_epoch} unreadable training samples skipped (see "
+           f"{run.run_dir / tracking.SKIPPED_FILE})" if run.bad_samples.in_epoch else "")
     )
     improved = [kind for kind, r in results.items() if r["top1_error"] < progress.best.get(kind, float("inf"))]
     for kind in improved:
