@@ -55,6 +55,8 @@ def make_accelerator(config: Config) -> Accelerator:
 
 # How gloo (and torch's store) report a peer that stopped answering or died.
 _TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+# DDP's all-reduce in backward raises a plain RuntimeError: "Application timeout caused pair closure".
+_FROM_GLOO = re.compile(r"gloo|collective|pair closure", re.IGNORECASE)
 _PEER_LOST = re.compile(r"connection (closed|reset) by peer|broken pipe|socket closed", re.IGNORECASE)
 
 
@@ -62,8 +64,8 @@ def collective_failure(exc: BaseException, timeout_s: float) -> str | None:
     """One line saying what a failed collective means, or None if ``exc`` is something else."""
     text = str(exc)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    distributed = isinstance(exc, torch.distributed.DistError)
-    if _TIMED_OUT.search(text) and (distributed or "gloo" in text or "collective" in text.lower()):
+    distributed = isinstance(exc, torch.distributed.DistError) or _FROM_GLOO.search(text)
+    if _TIMED_OUT.search(text) and distributed:
         return (f"a collective operation timed out after {timeout_s:g} s (train.collective_timeout_s): another "
                 f"process stopped responding (a dead node, a hung loader or GPU); see its log ({first})")
     if _PEER_LOST.search(text):

@@ -228,6 +228,19 @@ def test_a_hung_process_ends_the_job_within_the_collective_timeout(tiny_data, tm
     assert elapsed < 90  # the timeout, plus the launcher's 30 s grace before it kills the stopped rank
 
 
+@pytest.mark.parametrize("text", [
+    "Application timeout caused pair closure",  # gloo, from DDP's all-reduce in backward
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error ... Operation timed out",
+    "Timed out waiting 10000ms for send operation to complete",  # gloo's collective, via DistError
+])
+def test_timeouts_of_every_collective_kind_get_the_same_line(text):
+    from pipeline.launch import collective_failure
+    exc = RuntimeError(text) if "waiting" not in text else torch.distributed.DistError(text)
+    message = collective_failure(exc, 10)
+    assert message and message.startswith("a collective operation timed out after 10 s (train.collective_timeout_s)")
+    assert collective_failure(RuntimeError("CUDA out of memory; allocation timed out"), 10) is None
+
+
 # ------------------------------------------------------------------------------------------ damaged shards
 def zero_middle(path: Path) -> None:
     data = path.read_bytes()
