@@ -3,14 +3,15 @@ torchvision's ImageFolder + PIL pipeline, on the same images, batch size and wor
 in one run.
 
     python benchmarks/bench_loader.py --src DIR [--replicate N] [--size 224] [--workers 2] [--batches 40]
-                                      [--photometric] [--no-ffcv]
+                                      [--photometric] [--raw-pixels] [--no-ffcv]
 
 Every contestant does the paper's crop (area 8-100%, aspect 3/4-4/3) and flip and ends with
 a normalised float batch on the device (``--device``):
 - reference: ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor``
   + ``Normalize`` per image in DataLoader worker processes;
 - WebDataset: shards prepared from the same files (outside the timing); ``TrainStream``
-  worker processes decode (at reduced JPEG scale when possible) and crop into uint8;
+  worker processes decode (only the crop's region, at reduced JPEG scale when possible) and
+  crop into uint8; with ``--raw-pixels`` the shards hold raw pixels (for tiny images);
 - FFCV: ``data_prep ffcv`` files from the same files with FFCV's ImageNet settings (512 px,
   half JPEG quality 90, half raw pixels), read by FFCV's ``Loader`` (its worker threads) with
   ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip``, as the trainer does.
@@ -19,10 +20,15 @@ them: ``ColorJitter`` per image for the reference; for WebDataset and FFCV where
 does (batched on the GPU; on a CPU-only machine per image in the WebDataset workers and
 batched in the main process for FFCV). Prints images/s for each, best of ``--repeats``
 passes, and the ratios to the reference and to FFCV.
+
+FFCV is timed in a separate (spawned) process: its loader starts numba's thread pool, and
+forking the other contestants' DataLoader workers after that is unsafe ("Unable to join threads
+to shut down before fork()").
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import sys
 import tempfile
@@ -35,10 +41,11 @@ from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_prep import stage  # noqa: E402
-from data_prep import augment  # noqa: E402
+from data_prep import augment, jpeg_region  # noqa: E402
 from data_prep.plan import PrepParams  # noqa: E402
 from data_prep.writer import run as prepare  # noqa: E402
 from pipeline.data import TrainStream, make_loader, open_prepared  # noqa: E402
+from pipeline.device_augment import DeviceInput  # noqa: E402
 
 
 def reference_loader(folder: Path, size: int, batch_size: int, workers: int, photometric: bool) -> DataLoader:
@@ -65,6 +72,28 @@ def ffcv_loader(beton: Path, size: int, batch_size: int, workers: int):
                   drop_last=True, pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
 
 
+def ffcv_rates(beton: Path, size: int, batch_size: int, workers: int, batches: int, repeats: int,
+               batched_photometric: bool, device: str) -> float:
+    """FFCV's best rate over ``repeats`` passes; run in a process of its own (see above)."""
+    ffcv = ffcv_loader(beton, size, batch_size, workers)
+    finish = device_finish(torch.device(device), batched_photometric)
+    return max(timed(ffcv, batches, finish) for _ in range(repeats))
+
+
+def device_finish(device: torch.device, batched_photometric: bool):
+    """What the trainer does with a uint8 batch (``DeviceInput``): to the device, photometric (if
+    batched there), normalise, in the channels_last float32 batch the model takes."""
+    to_network = DeviceInput(device, channels_last=True, photometric=augment.PhotometricSpec() if batched_photometric else None)
+    generator = torch.Generator().manual_seed(0)
+
+    def device_side(x: torch.Tensor) -> torch.Tensor:
+        x = to_network(x, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x
+    return device_side
+
+
 def timed(batches, count: int, finish) -> float:
     """Images per second over ``count`` batches, after one warm-up batch (worker start-up)."""
     iterator = iter(batches)
@@ -87,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--photometric", action="store_true", help="add brightness/contrast/saturation")
+    parser.add_argument("--raw-pixels", action="store_true", help="shards hold raw pixels (data_prep shards --raw-pixels)")
     parser.add_argument("--no-ffcv", action="store_true", help="leave FFCV out (when it is not installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -96,7 +126,8 @@ def main() -> None:
         files = stage(args.src, args.replicate, work / "images")
         images = str(work / "images")  # validation = training images: only the training loader is timed
         sources = PrepParams(train=images, val=images, shard_size=256)
-        prepare(sources, work / "shards", workers=args.workers)
+        shards = PrepParams(train=images, val=images, shard_size=256, raw_pixels=args.raw_pixels)
+        prepare(shards, work / "shards", workers=args.workers)
         data = open_prepared(work / "shards")
         if not args.no_ffcv:
             from data_prep import ffcv_writer
@@ -108,16 +139,6 @@ def main() -> None:
         device = torch.device(args.device)
         on_gpu = device.type == "cuda"
         spec = augment.PhotometricSpec()
-
-        def finish(batched_photometric: bool):
-            def device_side(x: torch.Tensor) -> torch.Tensor:
-                x = x.to(device, non_blocking=True)
-                x = augment.photometric_distort(x, spec) if batched_photometric else x.float().div_(255)
-                x = augment.normalize(x)
-                if on_gpu:
-                    torch.cuda.synchronize()
-                return x
-            return device_side
 
         def reference_side(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device, non_blocking=True)
@@ -137,21 +158,25 @@ def main() -> None:
                 reference_side),
             "WebDataset shards (this project)": (
                 lambda: make_loader(stream, args.workers, pin_memory=on_gpu),
-                finish(args.photometric and on_gpu)),
+                device_finish(device, args.photometric and on_gpu)),
         }
-        if not args.no_ffcv:
-            ffcv = ffcv_loader(work / "ffcv" / "train.beton", args.size, args.batch_size, args.workers)
-            contestants["FFCV (this project's FFCV path)"] = (lambda: ffcv, finish(args.photometric))
         results = dict.fromkeys(contestants, 0.0)
         for repeat in range(args.repeats):
             stream.set_epoch(repeat)
             for name, (make, side) in contestants.items():
                 results[name] = max(results[name], timed(make(), args.batches, side))
+        if not args.no_ffcv:
+            job = (work / "ffcv" / "train.beton", args.size, args.batch_size, args.workers, args.batches,
+                   args.repeats, args.photometric, args.device)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                results["FFCV (this project's FFCV path)"] = pool.apply(ffcv_rates, job)
         photometric = "off"
         if args.photometric:
             photometric = "batched on the GPU" if on_gpu else "per image in workers (FFCV: batched, main process)"
+        stored = "raw pixels" if args.raw_pixels else "JPEG"
         print(f"{len(files)} images from {args.src} (x{args.replicate}), {args.size}px crops, batch {args.batch_size}, "
-              f"{args.workers} workers, photometric {photometric}, device {device.type}")
+              f"{args.workers} workers, photometric {photometric}, device {device.type}; shards hold {stored}, "
+              f"JPEG region decoder {'built' if jpeg_region.available() else 'not built (Pillow)'}")
         reference = results["torchvision ImageFolder + PIL"]
         ffcv_rate = results.get("FFCV (this project's FFCV path)")
         for name, rate in results.items():

@@ -23,11 +23,13 @@ def _add_shards(subparsers) -> None:
     p = subparsers.add_parser(
         "shards",
         help="write WebDataset shards and a manifest",
-        description="Read class folders, ILSVRC2012 archives or labelled flat files and write "
+        description="Read class folders, ILSVRC2012 archives, CIFAR-10/100 or STL-10 binary archives, or labelled flat files and write "
         "shuffled WebDataset tar shards plus DIR/manifest.json. Re-running resumes.",
     )
-    p.add_argument("--train", required=True, help="class folders, or ILSVRC2012_img_train.tar")
-    p.add_argument("--val", help="class folders, flat files, or ILSVRC2012_img_val.tar (the trainer needs it)")
+    p.add_argument("--train", required=True, help="class folders, ILSVRC2012_img_train.tar, or a CIFAR-10/100 "
+                   "or STL-10 binary .tar.gz (its training part)")
+    p.add_argument("--val", help="class folders, flat files, ILSVRC2012_img_val.tar, or the same binary .tar.gz "
+                   "(its test part) (the trainer needs it)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--val-labels", help="LOC_val_solution.csv or a 'filename wnid' text file")
     labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
@@ -41,6 +43,9 @@ def _add_shards(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the global training shuffle")
     p.add_argument("--augment-copies", type=int, default=0, help="bake K augmented copies per training image")
     p.add_argument("--augment-size", type=_positive, default=224, help="side of the baked copies")
+    p.add_argument("--raw-pixels", action="store_true",
+                   help="store decoded RGB pixels (PPM) instead of JPEG: no decoding in the loader, for "
+                   "tiny images such as CIFAR's 32 px (about 3 KB per 32 px image)")
     p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
     p.add_argument("--num-tasks", type=_positive, default=1, help="split the work over N array tasks")
     p.add_argument("--task-id", type=int, default=0, help="this task's index, 0..N-1")
@@ -55,9 +60,11 @@ def _add_ffcv(subparsers) -> None:
         "bad-input handling) or from existing shards, plus DIR/manifest.json. Re-running resumes.",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train", help="class folders, or ILSVRC2012_img_train.tar")
+    source.add_argument("--train", help="class folders, ILSVRC2012_img_train.tar, or a CIFAR-10/100 or STL-10 "
+                        "binary .tar.gz (its training part)")
     source.add_argument("--from-shards", type=Path, help="a directory written by 'shards'")
-    p.add_argument("--val", help="class folders, flat files, or ILSVRC2012_img_val.tar")
+    p.add_argument("--val", help="class folders, flat files, ILSVRC2012_img_val.tar, or the same binary .tar.gz "
+                   "(its test part)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--val-labels", help="LOC_val_solution.csv or a 'filename wnid' text file")
     labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
@@ -103,6 +110,7 @@ def _run_shards(args) -> int:
         seed=args.seed,
         augment_copies=args.augment_copies,
         augment_size=args.augment_size,
+        raw_pixels=args.raw_pixels,
     )
     run(params, Path(args.out), args.workers, args.num_tasks, args.task_id)
     return 0

@@ -1,5 +1,9 @@
 """Turn the bytes of one input file into the RGB JPEG stored in a shard, or a skip reason.
 
+With ``raw_pixels`` the image is stored as its decoded RGB pixels instead (binary PPM: a
+15-byte header, then the bytes), which the loader uses without decoding: for tiny images
+(CIFAR's 32 px), where the JPEG decoder's fixed cost per image dominates.
+
 ILSVRC2012 holds grayscale and CMYK JPEGs and PNG files named ``.JPEG``: those are converted
 to RGB JPEG. Files that are already RGB JPEG within the size limit keep their original bytes
 (no generation loss, and the fastest path). Anything that does not decode completely
@@ -33,11 +37,12 @@ class BadImage(Exception):
 class EncodeSpec:
     resize_shorter: int | None = None  # shrink so the shorter side is at most this; never upscale
     quality: int = 90  # JPEG quality of re-encoded images
+    raw_pixels: bool = False  # store decoded RGB pixels (PPM) instead of a JPEG
 
 
 @dataclass(frozen=True)
 class Encoded:
-    jpeg: bytes
+    data: bytes  # the stored image: an RGB JPEG, or a binary PPM with raw_pixels
     width: int
     height: int
     original_width: int
@@ -129,6 +134,16 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def encode_ppm(image: Image.Image) -> bytes:
+    """RGB pixels as a binary PPM ("P6\\n<w> <h>\\n255\\n" + bytes; Pillow reads it too)."""
+    return f"P6\n{image.width} {image.height}\n255\n".encode() + image.tobytes()
+
+
+def store(image: Image.Image, spec: EncodeSpec) -> bytes:
+    """An RGB image as stored in a shard."""
+    return encode_ppm(image) if spec.raw_pixels else encode_jpeg(image, spec.quality)
+
+
 def encode(data: bytes, spec: EncodeSpec) -> Encoded:
     fmt, mode, (width, height) = header(data)
     new_size = target_size(width, height, spec.resize_shorter)
@@ -143,10 +158,10 @@ def encode(data: bytes, spec: EncodeSpec) -> Encoded:
         reasons.append(f"downscaled from {width}x{height}: over {MAX_STORED_PIXELS} pixels, the most a default Pillow reads")
     elif new_size != (width, height):
         reasons.append(f"resized from {width}x{height}")
-    if not reasons:
+    if not reasons and not spec.raw_pixels:
         open_image(data, draft_size=(max(1, width // 8), max(1, height // 8)))  # integrity check only
         return Encoded(data, width, height, width, height, None)
     image = to_rgb(open_image(data, draft_size=new_size))
     if image.size != new_size:
         image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
-    return Encoded(encode_jpeg(image, spec.quality), *new_size, width, height, ", ".join(reasons))
+    return Encoded(store(image, spec), *new_size, width, height, ", ".join(reasons))

@@ -112,12 +112,12 @@ def _shard_samples(path: Path, classes: list[dict]) -> list[Sample]:
                 members.setdefault(key, {})[ext] = m
             found = []
             for key, parts in members.items():
-                if not {"jpg", "cls", "json"} <= parts.keys():
-                    raise PrepError(f"{path}: sample {key} lacks one of jpg, cls, json")
+                image = parts.get("jpg") or parts.get("ppm")  # ppm: shards of raw pixels (--raw-pixels)
+                if image is None or not {"cls", "json"} <= parts.keys():
+                    raise PrepError(f"{path}: sample {key} lacks one of jpg (or ppm), cls, json")
                 label = int(tar.extractfile(parts["cls"]).read())
                 meta = json.loads(tar.extractfile(parts["json"]).read())
-                jpg = parts["jpg"]
-                found.append(Sample(SampleRef(str(path), meta["name"], classes[label]["id"], jpg.offset_data, jpg.size), label))
+                found.append(Sample(SampleRef(str(path), meta["name"], classes[label]["id"], image.offset_data, image.size), label))
     except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
         raise PrepError(f"{path}: damaged shard ({exc}); check it with 'python -m data_prep verify'") from exc
     return found

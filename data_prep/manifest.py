@@ -82,7 +82,7 @@ def _split_summary(records: list[dict], augment_copies: int) -> dict:
     copies = max(1, augment_copies) if records and records[0]["split"] == "train" else 1
     found = planned // copies
     return {
-        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "group") if k in r} for r in records],
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256", "group", "index") if k in r} for r in records],
         "samples": sum(r["samples"] for r in records),
         "bytes": sum(r["bytes"] for r in records),
         "found": found,

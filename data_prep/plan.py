@@ -37,6 +37,7 @@ class PrepParams:
     seed: int = 0
     augment_copies: int = 0
     augment_size: int = 224
+    raw_pixels: bool = False  # store decoded RGB pixels (PPM) instead of JPEG: for tiny images
 
     def __post_init__(self):
         checks = {
@@ -52,7 +53,10 @@ class PrepParams:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        params = asdict(self)
+        if not self.raw_pixels:  # preparations made before the option existed still resume
+            del params["raw_pixels"]
+        return params
 
 
 @dataclass(frozen=True)

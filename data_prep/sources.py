@@ -4,7 +4,8 @@ A source is resolved into a list of :class:`SampleRef`: where the bytes live (a 
 byte range inside an uncompressed tar) and the class id. Only headers are read here, so
 indexing ``ILSVRC2012_img_train.tar`` (a tar of 1,000 per-class tars) touches a few hundred
 MB of headers, never extracts anything to disk, and gives every worker random access to any
-image with one ``pread``. Any problem with a source raises :class:`SourceError` naming the
+image with one ``pread``. CIFAR-10/100 and STL-10 binary archives (``.tar.gz`` of raw pixels)
+are read by :mod:`data_prep.archives`. Any problem with a source raises :class:`SourceError` naming the
 path, before any output is written.
 """
 from __future__ import annotations
@@ -223,19 +224,30 @@ def labelled_flat(path: Path, labels: dict[str, str], labels_origin: str) -> lis
 
 
 def resolve_train(path: Path) -> list[SampleRef]:
+    from . import archives  # it builds on this module's SampleRef
+
     if not path.exists():
         raise SourceError(f"{path}: training source not found")
     if _is_tar(path):
         return scan_train_tar(path)
+    if archives.is_dataset_archive(path):
+        return archives.scan_archive(path, "train")
     if path.is_dir():
         return scan_class_folders(path)
-    raise SourceError(f"{path}: expected a folder of class folders or an ILSVRC2012 train .tar")
+    raise SourceError(f"{path}: expected a folder of class folders, an ILSVRC2012 train .tar, or a CIFAR-10/100 "
+                      f"or STL-10 binary .tar.gz")
 
 
 def resolve_val(path: Path, val_labels: Path | None, devkit: Path | None) -> list[SampleRef]:
     """Validation as class folders, or flat files / a flat tar labelled by a file or the devkit."""
+    from . import archives
+
     if not path.exists():
         raise SourceError(f"{path}: validation source not found")
+    if archives.is_dataset_archive(path):
+        if val_labels is not None or devkit is not None:
+            raise SourceError(f"{path}: the archive holds its own test labels; drop --val-labels/--devkit")
+        return archives.scan_archive(path, "val")  # the archive's test split
     if val_labels is not None:
         return labelled_flat(path, read_val_labels(val_labels), str(val_labels))
     if devkit is not None:

@@ -11,10 +11,12 @@ from PIL import Image
 
 from .encode import MAX_STORED_PIXELS, pillow_limit
 from .manifest import load_manifest, sha256_file
+from .tar_index import index_path, load_index, scan
 
 
-def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
+def verify_shard(directory: Path, shard: dict, num_classes: int, raw_pixels: bool = False) -> list[str]:
     path = directory / shard["name"]
+    field, stored = ("ppm", "PPM") if raw_pixels else ("jpg", "JPEG")
     if not path.is_file():
         return [f"{path}: missing"]
     problems = []
@@ -22,13 +24,15 @@ def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
         problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
     if sha256_file(path) != shard["sha256"]:
         problems.append(f"{path}: sha256 differs from the manifest")
+    if "index" in shard and load_index(path) != scan(path)[0]:
+        problems.append(f"{index_path(path)}: missing, or does not match the shard's members; prepare the shards again")
     count = 0
     try:
         for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
             count += 1
             key = sample["__key__"]
-            if not {"jpg", "cls", "json"} <= sample.keys():
-                problems.append(f"{path}: sample {key} lacks {sorted({'jpg', 'cls', 'json'} - sample.keys())}")
+            if not {field, "cls", "json"} <= sample.keys():
+                problems.append(f"{path}: sample {key} lacks {sorted({field, 'cls', 'json'} - sample.keys())}")
                 continue
             label = int(sample["cls"])
             if not 0 <= label < num_classes:
@@ -36,15 +40,15 @@ def verify_shard(directory: Path, shard: dict, num_classes: int) -> list[str]:
             try:
                 # The size from the header first: a default Pillow (the loader's) refuses, or
                 # warns about, an image over its limit before decoding it.
-                with pillow_limit(None), Image.open(io.BytesIO(sample["jpg"])) as image:
+                with pillow_limit(None), Image.open(io.BytesIO(sample[field])) as image:
                     fmt, mode, (width, height) = image.format, image.mode, image.size
-                if fmt != "JPEG" or mode != "RGB":
-                    problems.append(f"{path}: sample {key} is {fmt}/{mode}, not RGB JPEG")
+                if fmt != stored or mode != "RGB":
+                    problems.append(f"{path}: sample {key} is {fmt}/{mode}, not RGB {stored}")
                 if width * height > MAX_STORED_PIXELS:
                     problems.append(f"{path}: sample {key} is {width}x{height}, over the {MAX_STORED_PIXELS} "
                                     "pixels the loader reads; prepare the shards again")
                     continue
-                with Image.open(io.BytesIO(sample["jpg"])) as image:
+                with Image.open(io.BytesIO(sample[field])) as image:
                     image.load()  # the whole image decodes, as the loader will decode it
             except Exception as exc:  # any decoder failure is a finding, not a crash
                 problems.append(f"{path}: sample {key} does not decode ({exc})")
@@ -90,7 +94,8 @@ def verify(directory: Path, workers: int = 1) -> list[str]:
     num_classes = len(manifest["classes"])
     if manifest["format"] == "ffcv":
         return [p for split, info in manifest["splits"].items() for p in verify_beton(directory, split, info, num_classes)]
-    jobs = [(directory, s, num_classes) for info in manifest["splits"].values() for s in info["shards"]]
+    raw_pixels = manifest["parameters"].get("raw_pixels", False)
+    jobs = [(directory, s, num_classes, raw_pixels) for info in manifest["splits"].values() for s in info["shards"]]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = pool.map(_verify_job, jobs, chunksize=1)

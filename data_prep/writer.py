@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import encode
 from .manifest import PARTS_DIR, PrepError, atomic_write_json, claim_output, finalize
 from .plan import Item, PrepParams, ShardPlan, make_plan
+from .tar_index import IndexBuilder, index_path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -57,10 +58,18 @@ class _HashingWriter(io.RawIOBase):
         return self.size
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, payload: bytes, index: IndexBuilder) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(payload), 0, 0o444
+    header = tar.offset
     tar.addfile(info, io.BytesIO(payload))
+    data = tar.offset - -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # the data, padded, ends there
+    index.add(name, header, data, len(payload))
+
+
+def image_field(params: PrepParams) -> str:
+    """The sample field (tar member extension) holding the image."""
+    return "ppm" if params.raw_pixels else "jpg"
 
 
 def _augmented_copy(data: bytes, item: Item, params: PrepParams) -> bytes:
@@ -78,7 +87,11 @@ def _augmented_copy(data: bytes, item: Item, params: PrepParams) -> bytes:
     generator = torch.Generator().manual_seed(seed)
     distorted = augment.photometric_distort(pixels, augment.PhotometricSpec(), generator)
     array = (distorted * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return encode.encode_jpeg(Image.fromarray(array), params.quality)
+    return encode.store(Image.fromarray(array), encode_spec(params))
+
+
+def encode_spec(params: PrepParams) -> encode.EncodeSpec:
+    return encode.EncodeSpec(params.resize_shorter, params.quality, params.raw_pixels)
 
 
 def _encode_item(data: bytes, item: Item, params: PrepParams) -> tuple[bytes, dict]:
@@ -86,10 +99,10 @@ def _encode_item(data: bytes, item: Item, params: PrepParams) -> tuple[bytes, di
     if item.copy >= 0:
         meta["copy"] = item.copy
         return _augmented_copy(data, item, params), meta
-    result = encode.encode(data, encode.EncodeSpec(params.resize_shorter, params.quality))
+    result = encode.encode(data, encode_spec(params))
     if result.converted:
         meta["converted"] = result.converted
-    return result.jpeg, meta
+    return result.data, meta
 
 
 def write_shard(out: Path, shard: ShardPlan, params: PrepParams) -> dict:
@@ -98,6 +111,7 @@ def write_shard(out: Path, shard: ShardPlan, params: PrepParams) -> dict:
         stale.unlink()
     tmp = out / f"{shard.name}.tmp{os.getpid()}"
     skipped, class_counts, converted = [], {}, 0
+    index, field = IndexBuilder(), image_field(params)
     with open(tmp, "wb") as raw:
         sink = _HashingWriter(raw)
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -115,14 +129,15 @@ def write_shard(out: Path, shard: ShardPlan, params: PrepParams) -> dict:
                     skipped.append({"split": shard.split, "name": item.ref.name, "reason": reason})
                     continue
                 key = sample_key(item)
-                _add(tar, f"{key}.jpg", jpeg)
-                _add(tar, f"{key}.cls", str(item.label).encode())
-                _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
+                _add(tar, f"{key}.{field}", jpeg, index)
+                _add(tar, f"{key}.cls", str(item.label).encode(), index)
+                _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), index)
                 class_counts[item.label] = class_counts.get(item.label, 0) + 1
                 converted += "converted" in meta
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, final)
+    index.write(index_path(final), sink.size)  # before the record: a shard without its index is not done
     record = {
         "split": shard.split,
         "name": shard.name,
@@ -130,6 +145,7 @@ def write_shard(out: Path, shard: ShardPlan, params: PrepParams) -> dict:
         "samples": sum(class_counts.values()),
         "bytes": sink.size,
         "sha256": sink.sha.hexdigest(),
+        "index": index_path(final).name,
         "converted": converted,
         "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
         "skipped": skipped,

@@ -18,6 +18,9 @@ import yaml
 from data_prep.augment import INTERPOLATIONS
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key or path."""
 
@@ -29,7 +32,8 @@ class ModelConfig:
     aux_weight: float = 0.3  # total loss = main + aux_weight * (aux1 + aux2)
     dropout: float | None = None  # None: the model's default (0.4 for the paper's GoogLeNet)
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile the model and the input transform (CUDA only; ignored on CPU)
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     weights: str | None = None  # a torchvision GoogLeNet state-dict file on disk to start googlenet_bn from
 
 
@@ -57,7 +61,10 @@ class DataConfig:
     eval_resize: int | None = None  # shorter side before the centre crop; null: image_size * 256 / 224
     batch_size: int = 32  # per process
     eval_batch_size: int | None = None  # null: 2 x batch_size
-    workers: int = 4  # loader processes per training process
+    workers: int | None = 4  # loader processes per training process; null: this host's cores per local process
+    # webdataset: shards decoded by loader workers every epoch; memory: decoded once into (device)
+    # memory, cropped there (datasets that fit: CIFAR, STL-10; see pipeline/memory_data.py)
+    loader: str = "webdataset"
     shuffle_buffer: int = 2000  # samples, on top of the global shuffle of the shards and shard order
     interleave_shards: int = 4  # shards each loader worker reads at once, so that neighbours differ per epoch
     on_bad_sample: str = "stop"  # a sample that cannot be read: stop naming it, or skip it and record it
@@ -111,6 +118,9 @@ class TrainConfig:
     # How long a process waits in a collective for the others before the job ends (a dead node,
     # a hung process). It must cover the longest legitimate wait: a checkpoint write, compilation.
     collective_timeout_s: float = 300.0
+    # Every N steps the processes agree on whether a stop signal arrived (without waiting for
+    # the device); a signal is acted on within 2N steps, or at the end of the epoch.
+    preemption_poll_steps: int = 10
 
 
 @dataclass
@@ -258,7 +268,10 @@ def validate(c: Config) -> None:
     _check(c.data.batch_size >= 1, "data.batch_size", c.data.batch_size, ">= 1")
     _check(c.data.eval_batch_size is None or c.data.eval_batch_size >= 1,
            "data.eval_batch_size", c.data.eval_batch_size, ">= 1")
-    _check(c.data.workers >= 0, "data.workers", c.data.workers, ">= 0")
+    _check(c.data.workers is None or c.data.workers >= 0, "data.workers", c.data.workers, ">= 0 or null")
+    _check(c.data.loader in ("webdataset", "memory"), "data.loader", c.data.loader, "webdataset or memory")
+    _check(c.data.loader == "webdataset" or c.data.format == "webdataset", "data.loader", c.data.loader,
+           "webdataset with data.format ffcv (the memory loader reads shards)")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
     _check(c.data.interleave_shards >= 1, "data.interleave_shards", c.data.interleave_shards, ">= 1")
     _check(c.data.on_bad_sample in ("stop", "skip"), "data.on_bad_sample", c.data.on_bad_sample, "stop or skip")
@@ -299,6 +312,8 @@ def validate(c: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(t.preemption_poll_steps >= 1, "train.preemption_poll_steps", t.preemption_poll_steps, ">= 1")
+    _check(c.model.compile_mode in COMPILE_MODES, "model.compile_mode", c.model.compile_mode, ", ".join(COMPILE_MODES))
     _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, ">= 1")
 
 

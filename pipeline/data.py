@@ -22,6 +22,13 @@ already did are dropped before decoding.
 Validation: the ranges cover every sample exactly once, nothing padded or dropped; the
 trainer all-reduces the counts and checks them against the manifest.
 
+Reading: each sample is one read at the offset the shard's index gives (``data_prep.tar_index``,
+written at preparation, built on the fly for older shards), its tar headers checked. Images
+are decoded straight into the batch (a preallocated [N, H, W, 3] buffer), and a batch travels
+as uint8 [N, 3, H, W] in channels_last memory (a permuted view of that buffer): what the device
+side wants, with no layout copy. A JPEG is decoded only in the region its crop needs when the
+region decoder is built (``data_prep.jpeg_region``), and raw-pixel shards are not decoded at all.
+
 Damage: a sample that cannot be read (a shard damaged after preparation, an image that does not
 decode) never raises in a loader worker. It travels with its batch as a skip record (shard,
 position, key, reason) and the trainer applies ``data.on_bad_sample``: stop naming it, or skip
@@ -39,12 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep import augment
 from data_prep.manifest import PrepError, load_manifest
+from data_prep.tar_index import DamagedSample, SampleReader
 
 from .metrics import IGNORE_LABEL
 
@@ -129,9 +138,12 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+IMAGE_FIELDS = ("jpg", "ppm")  # a JPEG, or raw RGB pixels (shards prepared with --raw-pixels)
+
+
 class Sample(NamedTuple):
     key: str
-    data: bytes  # the encoded image
+    data: bytes  # the encoded image (JPEG, or a PPM of raw pixels)
     label: int
     shard: str
     index: int  # position in the shard
@@ -160,7 +172,8 @@ def bad_sample_message(record: dict, directory: Path | str) -> str:
 
 def checked(sample: dict, shard: str, index: int, num_classes: int) -> Sample | Skipped:
     key = sample["__key__"]
-    missing = [field for field in ("jpg", "cls") if field not in sample]
+    image = next((sample[field] for field in IMAGE_FIELDS if field in sample), None)
+    missing = [field for field, value in (("jpg", image), ("cls", sample.get("cls"))) if value is None]
     if missing:
         return Skipped(shard, index, key, f"lacks {', '.join(missing)} (damaged shard)")
     try:
@@ -169,29 +182,30 @@ def checked(sample: dict, shard: str, index: int, num_classes: int) -> Sample | 
         return Skipped(shard, index, key, f"has an unreadable label {sample['cls'][:20]!r} (damaged shard)")
     if not 0 <= label < num_classes:
         return Skipped(shard, index, key, f"has label {label}, outside 0..{num_classes - 1}")
-    return Sample(key, sample["jpg"], label, shard, index)
+    return Sample(key, image, label, shard, index)
 
 
 def shard_range(shard: Shard, first: int, last: int, num_classes: int):
-    """Samples ``first``..``last - 1`` of one shard, read by webdataset: exactly ``last - first``
-    items, each a Sample or a Skipped. Never raises on damage: a tar that breaks (or ends early:
-    tarfile takes a zeroed header for the end of the archive) cannot be resynchronised without
-    knowing where each sample starts, so the rest of the range is recorded as unreadable."""
-    index, last_key = 0, None
+    """Samples ``first``..``last - 1`` of one shard: exactly ``last - first`` items, each a Sample
+    or a Skipped. Never raises on damage. Each sample is read at its offset in the shard's index,
+    so damage spoils only the samples it covers; a shard without an index (prepared by an older
+    version) is indexed by walking its tar headers, and where that walk breaks the samples after
+    it cannot be located, so they are recorded as unreadable."""
     try:
-        for sample in wds.tarfile_to_samples()([{"url": shard.url}]):
-            if index >= last:
-                return
-            if index >= first:
-                yield checked(sample, shard.url, index, num_classes)
-            index, last_key = index + 1, sample["__key__"]
-        reason = f"is missing: the shard ends after {index} of the {shard.samples} samples of the manifest"
-    except Exception as exc:  # any tar or I/O failure: what follows in this shard cannot be located
-        reason = f"is unreadable: the tar breaks after sample {index} ({type(exc).__name__}: {exc})"
-    if last_key is not None:
-        reason += f", the last one read being {last_key}"
-    for i in range(max(index, first), last):
-        yield Skipped(shard.url, i, None, reason)
+        reader = SampleReader(shard.url)
+    except OSError as exc:
+        for i in range(first, last):
+            yield Skipped(shard.url, i, None, f"is unreadable: {type(exc).__name__}: {exc}")
+        return
+    with reader:
+        for i in range(first, last):
+            try:
+                fields = reader.read(i, IMAGE_FIELDS + ("cls",))  # not the json metadata
+            except (DamagedSample, OSError) as exc:
+                yield Skipped(shard.url, i, reader.key(i), str(exc))
+                continue
+            fields["__key__"] = reader.key(i)
+            yield checked(fields, shard.url, i, num_classes)
 
 
 def sample_range(shards: list[Shard], start: int, stop: int, num_classes: int):
@@ -240,6 +254,49 @@ def stack_batches(samples, batch_size: int, blank: torch.Tensor | None = None):
             yield batch()
             images, labels, skipped = [], [], []
     if images:
+        yield batch()
+
+
+def image_batches(samples, batch_size: int, size: int, keep_skipped: bool):
+    """``stack_batches`` for HWC uint8 images (numpy [size, size, 3]), each copied once into a
+    preallocated [N, size, size, 3] batch, shipped as its [N, 3, size, size] channels_last view.
+
+    ``keep_skipped`` (training): a skipped sample keeps its slot, holding a copy of another image
+    of the batch (zeros if there is none) with IGNORE_LABEL. Otherwise (validation) the slot is
+    dropped: a batch of ``batch_size`` samples may then hold fewer images, or none."""
+    pixels = buffer = labels = skipped = holes = None
+    filled = taken = 0
+
+    def start():
+        nonlocal pixels, buffer, labels, skipped, holes, filled, taken
+        pixels = torch.empty(batch_size, size, size, 3, dtype=torch.uint8)
+        buffer = pixels.numpy()  # the same memory
+        labels, skipped, holes, filled, taken = [], [], [], 0, 0
+
+    def batch():
+        if holes:
+            real = next((i for i in range(filled) if i not in holes), None)
+            for i in holes:
+                buffer[i] = 0 if real is None else buffer[real]
+        return pixels[:filled].permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), tuple(skipped)
+
+    start()
+    for image, label in samples:
+        taken += 1
+        if image is None:
+            skipped.append(label)
+            if keep_skipped:
+                holes.append(filled)
+                labels.append(IGNORE_LABEL)
+                filled += 1
+        else:
+            buffer[filled] = image
+            labels.append(label)
+            filled += 1
+        if taken == batch_size:
+            yield batch()
+            start()
+    if taken:
         yield batch()
 
 
@@ -294,21 +351,24 @@ class TrainStream(IterableDataset):
         """Call before iterating; ``start_batch`` skips the batches a resumed run already did."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_shards(self) -> list[Shard]:
-        """The current epoch's shards (one copy group) in this epoch's order, the same on every rank."""
-        group = self.groups[self.epoch % len(self.groups)]
+    def epoch_shards(self, epoch: int | None = None) -> list[Shard]:
+        """An epoch's shards (one copy group) in that epoch's order, the same on every rank
+        (by default the epoch set by ``set_epoch``)."""
+        epoch = self.epoch if epoch is None else epoch
+        group = self.groups[epoch % len(self.groups)]
         order = [s for s in self.shards if s.group == group]
-        random.Random(mix_seed(self.seed, self.epoch, "shards")).shuffle(order)
+        random.Random(mix_seed(self.seed, epoch, "shards")).shuffle(order)
         return order
 
-    def lane_samples(self, lane: int, num_lanes: int):
+    def lane_samples(self, lane: int, num_lanes: int, epoch: int | None = None):
         """The Sample (or Skipped) items of lane ``lane`` of ``num_lanes`` (batches lane, lane + n, ...
         of this rank's epoch), in training order, all of them (also those before start_batch).
 
         The lane's contiguous range of the epoch's shard sequence is cut into per-shard segments,
         read ``interleave_shards`` at a time, then passed through the shuffle buffer."""
+        epoch = self.epoch if epoch is None else epoch
         needed = self.world_size * self.batches_per_epoch * self.batch_size
-        shards = self.epoch_shards()
+        shards = self.epoch_shards(epoch)
         available = sum(s.samples for s in shards)
         if needed > available:
             raise ValueError(f"{self.world_size} ranks x {self.batches_per_epoch} batches x {self.batch_size} "
@@ -322,47 +382,53 @@ class TrainStream(IterableDataset):
             if first < last:
                 segments.append((shard_range(shard, first, last, self.num_classes), last - first))
             offset += shard.samples
-        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "interleave"))
+        rng = random.Random(mix_seed(self.seed, epoch, self.rank, lane, "interleave"))
         samples = interleave(segments, rng, self.interleave_shards)
         if self.shuffle_buffer > 1:
-            rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, lane, "buffer"))
+            rng = random.Random(mix_seed(self.seed, epoch, self.rank, lane, "buffer"))
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         yield from samples
 
-    def _decode(self, data: bytes, seed: int) -> torch.Tensor:
+    def _decode(self, data: bytes, seed: int) -> np.ndarray:
+        """The training image of one sample, uint8 [size, size, 3]."""
+        size = self.image_size
         if self.baked:  # already cropped and distorted at preparation time
-            return augment.decode_center_crop(data, self.image_size, self.image_size)
+            return np.asarray(augment.center_crop_image(data, size, size))
         if self.crop is None:
-            image = augment.decode_center_crop(data, self.image_size, self.eval_resize)
+            image = augment.center_crop_image(data, size, self.eval_resize)
             if self.photometric is None:
-                return image
-            distorted = augment.photometric_distort(image, self.photometric, torch.Generator().manual_seed(seed))
-            return distorted.mul_(255).round_().to(torch.uint8)
+                return np.asarray(image)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+            distorted = augment.photometric_distort(pixels, self.photometric, torch.Generator().manual_seed(seed))
+            return distorted.mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
         if self.photometric is not None:
-            return augment.decode_random_crop_distorted(data, self.image_size, self.crop, random.Random(seed),
-                                                        self.photometric, torch.Generator().manual_seed(seed))
-        return augment.decode_random_crop(data, self.image_size, self.crop, random.Random(seed))
+            return augment.decode_random_crop_distorted(data, size, self.crop, random.Random(seed), self.photometric,
+                                                        torch.Generator().manual_seed(seed)).permute(1, 2, 0).numpy()
+        return np.asarray(augment.random_crop_image(data, size, self.crop, random.Random(seed)))
 
     def __iter__(self):
         worker, num_workers = worker_slot()
         # The DataLoader takes workers in turn, starting with worker 0, so lane l (batches
         # l, l + n, ... of the epoch) must be served by the worker whose turn batch l is. After a
         # resume at start_batch the turns are rotated: worker w serves lane (w + start_batch) % n.
-        lane = (worker + self.start_batch) % num_workers
-        skip = len(range(lane, min(self.start_batch, self.batches_per_epoch), num_workers))
-        base = mix_seed(self.seed, self.epoch, self.rank, lane, "augment")
+        epoch, start_batch = self.epoch, self.start_batch
+        # A persistent worker keeps this object: its next iteration is the next epoch, from its
+        # start (the main process calls set_epoch before every iteration of its own copy).
+        self.epoch, self.start_batch = epoch + 1, 0
+        lane = (worker + start_batch) % num_workers
+        skip = len(range(lane, min(start_batch, self.batches_per_epoch), num_workers))
+        base = mix_seed(self.seed, epoch, self.rank, lane, "augment")
 
         def decoded():
-            for i, item in enumerate(self.lane_samples(lane, num_workers)):
+            for i, item in enumerate(self.lane_samples(lane, num_workers, epoch)):
                 if i < skip * self.batch_size:
                     continue  # resumed mid-epoch: these batches were already trained on
                 yield decode_or_skip(item, lambda data: self._decode(data, base + i), "train")
 
-        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-        yield from stack_batches(decoded(), self.batch_size, blank)
+        yield from image_batches(decoded(), self.batch_size, self.image_size, keep_skipped=True)
 
 
-def decode_or_skip(item: Sample | Skipped, decode, split: str) -> tuple[torch.Tensor | None, int | dict]:
+def decode_or_skip(item: Sample | Skipped, decode, split: str) -> tuple[np.ndarray | None, int | dict]:
     """(image, label), or (None, skip record) for a sample that cannot be read or decoded."""
     if isinstance(item, Skipped):
         return None, item.record(split)
@@ -386,8 +452,9 @@ class EvalStream(IterableDataset):
         start, stop = equal_ranges(total, self.world_size * num_workers)[self.rank * num_workers + worker]
 
         items = sample_range(self.shards, start, stop, self.num_classes)
-        decode = lambda data: augment.decode_center_crop(data, self.image_size, self.resize)  # noqa: E731
-        yield from stack_batches((decode_or_skip(item, decode, "val") for item in items), self.batch_size)
+        decode = lambda data: np.asarray(augment.center_crop_image(data, self.image_size, self.resize))  # noqa: E731
+        decoded = (decode_or_skip(item, decode, "val") for item in items)
+        yield from image_batches(decoded, self.batch_size, self.image_size, keep_skipped=False)
 
 
 def eval_resize_for(image_size: int, eval_resize: int | None) -> int:
@@ -414,13 +481,15 @@ def kill_leftover_workers() -> None:
             child.kill()
 
 
-def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(stream: IterableDataset, workers: int, pin_memory: bool, persistent: bool = False) -> DataLoader:
+    """``persistent``: the workers outlive an iteration (a TrainStream's workers then go on with
+    the next epoch by themselves); otherwise they are forked anew, with the stream's epoch."""
     return DataLoader(
         stream,
         batch_size=None,  # batches are formed in the workers
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,  # workers re-read the stream's epoch at each iteration
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers else None,
         worker_init_fn=ignore_sigterm if workers else None,
@@ -428,14 +497,22 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool) -> Data
 
 
 class WebDatasetInput:
-    """The trainer's view of the shards: training batches per epoch, validation batches."""
+    """The trainer's view of the shards: training batches per epoch, validation batches.
+
+    The training workers persist from epoch to epoch (no fork and start-up per epoch): each
+    worker computes the next epoch's plan itself. A resumed epoch (``start_batch`` > 0), or an
+    epoch other than the next, starts fresh workers from that point."""
 
     def __init__(self, train: TrainStream, val: EvalStream, workers: int, pin_memory: bool):
         self.train, self.val, self.workers, self.pin_memory = train, val, workers, pin_memory
+        self.train_loader, self.next_epoch = None, None
 
     def train_batches(self, epoch: int, start_batch: int = 0):
         self.train.set_epoch(epoch, start_batch)
-        return iter(make_loader(self.train, self.workers, self.pin_memory))
+        if self.train_loader is None or (epoch, start_batch) != (self.next_epoch, 0):
+            self.train_loader = make_loader(self.train, self.workers, self.pin_memory, persistent=True)
+        self.next_epoch = epoch + 1
+        return iter(self.train_loader)
 
     def val_batches(self):
         return iter(make_loader(self.val, self.workers, self.pin_memory))

@@ -39,6 +39,11 @@ def make_accelerator(config: Config) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s))],
     )
+    if accelerator.device.type == "cuda":
+        # Shapes are static within a run: let cuDNN time its algorithms once per shape and keep
+        # the fastest; TF32 for float32 matrix products (convolutions already use it by default).
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise; on a CPU-only host
         # give each process its share of the cores instead (1.4x faster for the demo on 2 cores).
@@ -51,6 +56,14 @@ def make_accelerator(config: Config) -> Accelerator:
             f"{accelerator.num_processes}; refusing to train as independent copies"
         )
     return accelerator
+
+
+def loader_workers(configured: int | None) -> int:
+    """``data.workers``, where null means the cores of this host per local training process."""
+    if configured is not None:
+        return configured
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // local_processes)
 
 
 # How gloo (and torch's store) report a peer that stopped answering or died.

@@ -99,5 +99,8 @@ def param_groups(model: torch.nn.Module, lr: float, optim: OptimConfig) -> list[
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, optim: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(param_groups(model, lr, optim), lr=lr, momentum=optim.momentum, nesterov=optim.nesterov)
+def build_optimizer(model: torch.nn.Module, lr: float, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD over ``param_groups``; ``fused``: one kernel for all parameters (for CUDA), instead of
+    torch's default of a few per parameter group."""
+    return torch.optim.SGD(param_groups(model, lr, optim), lr=lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                           fused=fused or None)

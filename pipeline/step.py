@@ -1,5 +1,5 @@
-"""One training update: batches onto the device as network inputs, the loss of every head, and
-the optimizer step. Plain functions over the model, optimizer and scheduler (no trainer object),
+"""One training update: the loss of every head and the optimizer step (batches become network
+inputs in ``device_augment``). Plain functions over the model, optimizer and scheduler (no trainer object),
 so that the epoch loop shows each of them once."""
 from __future__ import annotations
 
@@ -8,23 +8,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from data_prep import augment
-
 from .metrics import IGNORE_LABEL
 from .models import forward_with_aux
-
-
-def network_input(images: torch.Tensor, device: torch.device, channels_last: bool,
-                  photometric: augment.PhotometricSpec | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 NCHW batch from a loader -> (distorted,) normalised float batch on the device."""
-    images = images.to(device, non_blocking=True)
-    if photometric is not None:
-        images = augment.photometric_distort(images, photometric, generator)
-    else:
-        images = images.float().div_(255)
-    images = augment.normalize(images)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def compute_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, aux_weight: float,

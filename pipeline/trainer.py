@@ -4,9 +4,14 @@
     fit(run)                          # resume; then per epoch: train_one_epoch, end_epoch
 
 The pieces live beside this file, one stage each: ``recipe`` (batch layout, scaled lr, EMA
-decay, parameter groups), ``schedule``, ``step`` (inputs, loss, optimizer step), ``validate``,
+decay, parameter groups), ``schedule``, ``device_augment`` (loader batches -> network inputs on
+the device), ``step`` (loss, optimizer step), ``validate``,
 ``checkpoint`` (atomic saves, best, resume), ``tracking`` (TensorBoard, metrics.jsonl) and
 ``preemption``.
+
+Within an update nothing is read back from the device, so the host runs ahead of it: counts
+and losses are summed on the device until a log line, and the stop signals are agreed on by
+an all-reduce read one poll later (``preemption``).
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ from .bad_samples import BadSamples
 from .checkpoint import CheckpointManager, resume_latest
 from .config import Config, ConfigError, dump
 from .data import EvalStream, PreparedData, TrainStream, WebDatasetInput, eval_resize_for, mix_seed, open_prepared
-from .launch import make_accelerator, on_every_rank
+from .device_augment import DeviceInput
+from .launch import loader_workers, make_accelerator, on_every_rank
 from .metrics import IGNORE_LABEL, Tally
 from .models import build_model, load_torchvision_weights
 from .preemption import REQUEUE, PreemptionWatch
@@ -39,7 +45,7 @@ from .run_lock import RunDirInUse, RunLock, acquire
 from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr
 from .run_files import write_classes
 from .schedule import build_scheduler
-from .step import compute_loss, network_input, optimizer_step
+from .step import compute_loss, optimizer_step
 from .validate import validate
 
 
@@ -73,7 +79,7 @@ class Run:
     ema: AveragedModel | None
     ema_decay: float | None
     input: object  # WebDatasetInput or FFCVInput: train_batches(epoch, start_batch), val_batches()
-    photometric: augment.PhotometricSpec | None  # batched on the device; None when off or done in workers
+    device_input: DeviceInput  # loader batches -> network inputs (distorted there unless off or done in workers)
     checkpoints: CheckpointManager
     preemption: PreemptionWatch
     bad_samples: BadSamples
@@ -118,6 +124,7 @@ def build_network(config: Config, num_classes: int) -> torch.nn.Module:
 def build_run(config: Config, data: PreparedData) -> Run:
     c = config
     accelerator = make_accelerator(c)
+    c.data.workers = loader_workers(c.data.workers)  # resolved once: the batch order depends on it
     baked = data.augment_copies > 0
     if baked and data.augment_size != c.data.image_size:
         raise ConfigError(
@@ -130,11 +137,15 @@ def build_run(config: Config, data: PreparedData) -> Run:
     lr = scaled_lr(c.optim, layout.images_per_update)
 
     model = build_network(c, data.num_classes)
-    optimizer = build_optimizer(model, lr, c.optim)
+    on_cuda = accelerator.device.type == "cuda"
+    optimizer = build_optimizer(model, lr, c.optim, fused=on_cuda)
     # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
     scheduler = build_scheduler(optimizer, c.schedule, layout.updates_per_epoch)
-    if c.model.compile:  # before prepare, so that DDP wraps the compiled module (no_sync works)
-        model = torch.compile(model)
+    compile_mode = c.model.compile_mode if c.model.compile and on_cuda else None
+    if c.model.compile and not on_cuda and accelerator.is_main_process:
+        tqdm.write("model.compile: on CUDA only; the model runs eagerly on the CPU", file=sys.stderr)
+    if compile_mode is not None:  # before prepare, so that DDP wraps the compiled module (no_sync works)
+        model = torch.compile(model, mode=compile_mode)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     ema, decay = None, None
@@ -152,12 +163,16 @@ def build_run(config: Config, data: PreparedData) -> Run:
     # Batched on the GPU; without one, per image in the WebDataset loader workers, which run
     # in parallel (the same code, hence the same distribution, either way). FFCV's pipeline
     # has no place for it, so there it is always batched in the training process.
-    in_workers = distort and accelerator.device.type == "cpu" and data.format == "webdataset"
+    in_workers = (distort and accelerator.device.type == "cpu" and data.format == "webdataset"
+                  and c.data.loader == "webdataset")
     run_input = make_input(c, data, accelerator, layout, photometric if in_workers else None)
     return Run(
         config=c, data=data, accelerator=accelerator, layout=layout, lr=lr, model=model, optimizer=optimizer,
         scheduler=scheduler, ema=ema, ema_decay=decay, input=run_input,
-        photometric=photometric if distort and not in_workers else None,
+        device_input=DeviceInput(accelerator.device, channels_last=c.model.channels_last,
+                                 mixed_precision=c.train.mixed_precision,
+                                 photometric=photometric if distort and not in_workers else None,
+                                 compile_mode=compile_mode),
         checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
         preemption=PreemptionWatch().install(),
         bad_samples=BadSamples(c.data.on_bad_sample, c.data.max_skipped_fraction, layout.epoch_images,
@@ -172,6 +187,13 @@ def make_input(c: Config, data: PreparedData, accelerator: Accelerator, layout: 
     eval_resize = eval_resize_for(c.data.image_size, c.data.eval_resize)
     eval_batch_size = c.data.eval_batch_size or 2 * c.data.batch_size
     rank, world = accelerator.process_index, accelerator.num_processes
+    if c.data.loader == "memory":
+        from .memory_data import MemoryInput
+
+        return MemoryInput(data, batch_size=c.data.batch_size, eval_batch_size=eval_batch_size,
+                           batches_per_epoch=layout.batches_per_epoch, rank=rank, world_size=world, seed=c.seed,
+                           image_size=c.data.image_size, eval_resize=eval_resize, crop=crop,
+                           device=accelerator.device, workers=c.data.workers)
     if data.format == "ffcv":
         from .ffcv_data import FFCVInput
 
@@ -257,7 +279,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
     if start_update == 0:
         run.bad_samples.new_epoch()
     epoch_tally, window = Tally(), tracking.LogWindow()
-    epoch_start, epoch_images = time.perf_counter(), 0
+    epoch_start, epoch_images, epoch_wait = time.perf_counter(), 0, 0.0
     grid_logged = not c.train.image_grid
     # The bar is closed on any exit, so that an error line is not drawn over.
     with tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
@@ -267,13 +289,15 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             for micro in range(accum):
                 wait_start = time.perf_counter()
                 images, labels, skipped = next_batch(run, batches, epoch)
-                window.data_wait += time.perf_counter() - wait_start
+                waited = time.perf_counter() - wait_start
+                window.data_wait += waited
+                epoch_wait += waited
                 if skipped:  # the slots carry no label; the policy is applied after the update
                     run.bad_samples.add(skipped, step=step + 1, epoch=epoch, rank=acc.process_index)
                 torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
                 generator = (torch.Generator().manual_seed(mix_seed(c.seed, step * accum + micro, acc.process_index, "photo"))
-                             if run.photometric else None)
-                inputs = network_input(images, acc.device, c.model.channels_last, run.photometric, generator)
+                             if run.device_input.photometric else None)
+                inputs = run.device_input(images, generator)
                 labels = labels.to(acc.device, non_blocking=True)
                 if not grid_logged:
                     tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
@@ -293,7 +317,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             progress.step += 1
             progress.skipped_steps += not applied
             if run.ema is not None and applied and progress.step % c.ema.every == 0:
-                run.ema.update_parameters(run.bare_model())
+                update_ema(run.ema, run.bare_model(), run.ema_decay)
             bar.update(1)
 
             last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
@@ -304,13 +328,36 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             saved = bool(every) and progress.step % every == 0 and update != layout.updates_per_epoch - 1
             if saved:
                 save_checkpoint(run)
-            asked = 0 if last_of_epoch else run.preemption.should_stop(acc)  # the same answer on every rank
+            # The same answer on every rank, without waiting for the device (end_epoch asks again).
+            asked = 0 if last_of_epoch else run.preemption.poll(acc, progress.step, c.train.preemption_poll_steps)
             if asked:
                 if not saved:
                     save_checkpoint(run)
                 raise Preempted(asked)
     epoch_done = end_update == layout.updates_per_epoch  # else the run ends mid-epoch (max_steps)
-    return end_epoch(run, epoch, epoch_tally, epoch_images / (time.perf_counter() - epoch_start), epoch_done)
+    seconds = time.perf_counter() - epoch_start
+    return end_epoch(run, epoch, epoch_tally, epoch_images / seconds, epoch_wait / seconds, epoch_done)
+
+
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
+    """``ema.update_parameters(model)`` for an average built with ``get_ema_multi_avg_fn(decay)``,
+    the same arithmetic without its two reads of ``n_averaged`` on the host (each waits for the
+    device): the first average copies the weights, later ones move ``1 - decay`` of the way to
+    them, chosen on the device."""
+    first = ema.n_averaged.eq(0)
+    pairs = list(zip((*ema.module.parameters(), *ema.module.buffers()), (*model.parameters(), *model.buffers())))
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+    for averaged, current in pairs:
+        if averaged.is_floating_point():
+            group = by_dtype.setdefault(averaged.dtype, ([], []))
+            group[0].append(averaged)
+            group[1].append(current.detach())
+        else:  # integer buffers (batch norm's num_batches_tracked), as AveragedModel treats them
+            averaged.copy_(torch.where(first, current, averaged * decay + current * (1 - decay)))
+    for dtype, (averaged, current) in by_dtype.items():
+        torch._foreach_lerp_(averaged, current, torch.where(first, 1.0, 1.0 - decay).to(dtype))
+    ema.n_averaged += 1
 
 
 def next_batch(run: Run, batches, epoch: int):
@@ -338,7 +385,8 @@ def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
                         ips=f"{values['throughput/images_per_sec']:.0f}")
 
 
-def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_done: bool) -> dict:
+def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, data_wait_fraction: float,
+              epoch_done: bool) -> dict:
     """Validate the trained weights and their EMA (every ``eval_every_epochs`` and at the end),
     log, mark the best of each, and save a checkpoint."""
     acc, c, progress, layout = run.accelerator, run.config, run.progress, run.layout
@@ -355,7 +403,7 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_d
     models = {"model": run.bare_model()} | ({"ema": run.ema.module} if run.ema is not None else {})
     on_skipped = lambda records: run.bad_samples.add(records, step=step, epoch=epoch, rank=acc.process_index)  # noqa: E731
     results = dict(zip(models, validate(list(models.values()), run.input.val_batches(), acc,
-                                        channels_last=c.model.channels_last, expected=run.data.val_samples,
+                                        device_input=run.device_input, expected=run.data.val_samples,
                                         where=str(run.data.directory), on_skipped=on_skipped)))
     run.bad_samples.flush(acc)
     val = results["model"]
@@ -363,7 +411,11 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, epoch_d
         "train_samples": trained.count, "train_top1_error": train["top1_error"], "train_top5_error": train["top5_error"], "train_loss": train["loss"],
         "val_top1_error": val["top1_error"], "val_top5_error": val["top5_error"], "val_loss": val["loss"],
         "val_samples": val["count"], "val_skipped": val["skipped"], "images_per_sec": images_per_sec * acc.num_processes,
+        # the main process's share of the epoch spent waiting for batches; the time after validation
+        "data_wait_fraction": data_wait_fraction, "wall_time": time.time(),
     })
+    if acc.device.type == "cuda":
+        record["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     values = {"val/top1_error": val["top1_error"], "val/top5_error": val["top5_error"], "val/loss": val["loss"]}
     if "ema" in results:
         ema = results["ema"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .device_augment import DeviceInput
 from .metrics import Tally
 from .models import forward_with_aux
-from .step import network_input
 
 
 @torch.no_grad()
-def validate(models: list[torch.nn.Module], batches, accelerator, *, channels_last: bool,
+def validate(models: list[torch.nn.Module], batches, accelerator, *, device_input: DeviceInput,
              expected: int, where: str, on_skipped=None) -> list[dict[str, float]]:
     """Errors and loss of each model; one decoding pass serves all of them (the trained weights
     and their EMA). The records of samples that cannot be read go to ``on_skipped(records)``; the
@@ -26,8 +26,8 @@ def validate(models: list[torch.nn.Module], batches, accelerator, *, channels_la
             on_skipped(records)
         if not labels.numel():
             continue
-        inputs = network_input(images, accelerator.device, channels_last)
-        labels = labels.to(accelerator.device)
+        inputs = device_input(images, distort=False)
+        labels = labels.to(accelerator.device, non_blocking=True)
         for model, tally in zip(models, tallies):
             with accelerator.autocast():
                 logits = forward_with_aux(model, inputs).logits.float()

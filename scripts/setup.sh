@@ -38,6 +38,10 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
   apt_install python3-venv
 fi
 
+# The loader's region JPEG decoder is a small C library over libjpeg-turbo (built below).
+if command -v apt-get >/dev/null 2>&1; then
+  apt_install gcc libjpeg62-turbo-dev || echo "setup: could not install gcc and libjpeg62-turbo-dev" >&2
+fi
 if want ffcv; then
   # FFCV 1.0.2 is built from source against OpenCV and libjpeg-turbo.
   if command -v apt-get >/dev/null 2>&1; then
@@ -62,4 +66,6 @@ if [ ${#extras[@]} -gt 0 ]; then
   spec=".[$(IFS=,; echo "${extras[*]}")]"
 fi
 .venv/bin/python -m pip install -q -e "$spec"
+.venv/bin/python -m data_prep.jpeg_region build \
+  || echo "setup: region JPEG decoder not built; the loader decodes with Pillow (whole image)" >&2
 echo "setup: done (.venv)" >&2

@@ -1,0 +1,106 @@
+"""Region-of-interest JPEG decoding with libjpeg-turbo (``jpeg_region.c``), through ctypes.
+
+Pillow can decode a JPEG at 1/2, 1/4 or 1/8 scale but only as a whole; a training crop
+covers on average half the image. ``decode_region`` decodes just the MCU rows and columns
+around a rectangle of the (scaled) image. The library is optional: build it with
+
+    python -m data_prep.jpeg_region build
+
+(a C compiler and libjpeg-turbo's headers, Debian's ``libjpeg62-turbo-dev``); where it is not
+built, ``available()`` is false and the callers decode with Pillow as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("jpeg_region.c")
+LIBRARY = Path(__file__).with_name("libjpeg_region.so")
+MESSAGE_BYTES = 200  # libjpeg's JMSG_LENGTH_MAX
+
+
+class RegionDecodeError(RuntimeError):
+    """libjpeg refused the image (or warned about it); Pillow decides what to do with it."""
+
+
+def _load(path: Path):
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    size_p, int_p = ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
+    lib.jpeg_region_info.argtypes = [ctypes.c_char_p, size_p, int_p, int_p, int_p, ctypes.c_char_p]
+    lib.jpeg_region_decode.argtypes = [ctypes.c_char_p, size_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, int_p, int_p, ctypes.c_char_p]
+    return lib
+
+
+_lib = _load(LIBRARY) if LIBRARY.is_file() else None
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def use_library(path: Path | None) -> bool:
+    """Decode with the library at ``path`` from now on (None: with none, i.e. Pillow); whether
+    it loaded. For tests and for a library built elsewhere."""
+    global _lib
+    _lib = _load(path) if path is not None else None
+    return _lib is not None
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def jpeg_size(data: bytes) -> tuple[int, int, int]:
+    """(width, height, components) from the JPEG header."""
+    width, height, components = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    message = ctypes.create_string_buffer(MESSAGE_BYTES)
+    if _lib.jpeg_region_info(data, len(data), ctypes.byref(width), ctypes.byref(height), ctypes.byref(components),
+                             message):
+        raise RegionDecodeError(message.value.decode(errors="replace"))
+    return width.value, height.value, components.value
+
+
+def scaled_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """libjpeg's output size at 1/scale: the last pixel may be partial, and counts."""
+    return -(-width // scale), -(-height // scale)
+
+
+def decode_region(data: bytes, width: int, scale: int, left: int, top: int, right: int,
+                  bottom: int) -> tuple[np.ndarray, int]:
+    """RGB uint8 [bottom - top, W, 3] holding columns left..right - 1 (and a few more: libjpeg
+    decodes whole MCUs) of rows top..bottom - 1 of the image (``width`` pixels wide) scaled by
+    1/``scale``; returns it with the column its first pixel has in the scaled image."""
+    columns, rows = right - left, bottom - top
+    out = np.empty((rows, scaled_size(width, 1, scale)[0], 3), dtype=np.uint8)  # room for any MCU alignment
+    first, decoded = ctypes.c_int(), ctypes.c_int()
+    message = ctypes.create_string_buffer(MESSAGE_BYTES)
+    status = _lib.jpeg_region_decode(data, len(data), scale, left, top, columns, rows, out.ctypes.data,
+                                     ctypes.byref(first), ctypes.byref(decoded), message)
+    if status == -2:
+        raise RegionDecodeError("CMYK/YCCK JPEG: no RGB conversion in libjpeg")
+    if status:
+        raise RegionDecodeError(message.value.decode(errors="replace"))
+    # The rows were written packed at the decoded width: view them as such.
+    region = out.reshape(-1)[: rows * decoded.value * 3].reshape(rows, decoded.value, 3)
+    return region, first.value
+
+
+def build(target: Path = LIBRARY) -> Path:
+    """Compile ``jpeg_region.c`` into ``target`` (a shared library linked to libjpeg)."""
+    command = ["cc", "-O2", "-shared", "-fPIC", "-Wall", "-o", str(target), str(SOURCE), "-ljpeg"]
+    subprocess.run(command, check=True)
+    return target
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["build"]:
+        raise SystemExit("usage: python -m data_prep.jpeg_region build")
+    print(f"built {build()}")

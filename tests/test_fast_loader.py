@@ -1,0 +1,282 @@
+"""The loader's fast paths: shard index, region JPEG decoding, raw-pixel shards, channels_last batches.
+
+Each fast path must give what the plain path gives: the same samples (or per-sample damage
+records), the same crops to within JPEG decoder rounding, and the same batches."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_prep import augment, jpeg_region, tar_index
+from data_prep.plan import PrepParams
+from data_prep.synthetic import SyntheticSpec, generate
+from data_prep.writer import run
+from pipeline.data import EvalStream, Sample, Skipped, TrainStream, make_loader, open_prepared, shard_range
+
+
+# ------------------------------------------------------------------------------------------ region decoder
+@pytest.fixture(scope="module")
+def region_decoder(tmp_path_factory):
+    """The region decoder, built into a temporary directory when it is not built in the tree;
+    skipped where there is no C compiler or libjpeg-turbo headers."""
+    saved = jpeg_region.LIBRARY if jpeg_region.available() else None
+    if saved is None:
+        target = tmp_path_factory.mktemp("jpeg_region") / "libjpeg_region.so"
+        try:
+            jpeg_region.build(target)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            pytest.skip(f"cannot build the region decoder here: {exc}")
+        assert jpeg_region.use_library(target)
+    yield
+    jpeg_region.use_library(saved)
+
+
+def photo_like(width: int, height: int, seed: int, mode: str = "RGB", subsampling: int = 2) -> bytes:
+    """Smooth gradients plus texture, JPEG-encoded: closer to a photo than noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 200, y / height * 200, (x + y) / (width + height) * 255], axis=2)
+    texture = rng.normal(0, 12, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:height, :width]
+    image = Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, subsampling=subsampling)
+    return buffer.getvalue()
+
+
+def pillow_crop(data: bytes, size: int, seed: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(augment.random_resized_crop(image, size, augment.CropSpec(), random.Random(seed)), np.int16)
+
+
+@pytest.mark.parametrize("width, height, mode, subsampling, size", [
+    (500, 375, "RGB", 2, 224),  # ILSVRC's typical photo, 4:2:0: mostly full-scale region decodes
+    (1600, 1200, "RGB", 2, 96),  # large photo: region decodes at 1/2, 1/4 and 1/8 scale
+    (333, 500, "L", 0, 64),  # grayscale
+    (640, 480, "RGB", 0, 128),  # 4:4:4
+])
+def test_region_decoding_matches_pillow(region_decoder, width, height, mode, subsampling, size):
+    data = photo_like(width, height, seed=width, mode=mode, subsampling=subsampling)
+    assert augment.EncodedImage.open(data) is not None  # the region decoder takes it
+    means = []
+    for seed in range(24):
+        fast = np.asarray(augment.random_crop_image(data, size, augment.CropSpec(), random.Random(seed)), np.int16)
+        assert fast.shape == (size, size, 3)
+        means.append(np.abs(fast - pillow_crop(data, size, seed)).mean())
+    # The same crop and filter; only decoder rounding differs (IDCT builds, an exact-boundary
+    # pixel of the area and nearest filters), far below what a wrong region or scale gives.
+    assert np.mean(means) < 0.3 and max(means) < 1.5, means
+    centre = np.asarray(augment.center_crop_image(data, size), np.int16)
+    with Image.open(io.BytesIO(data)) as image:
+        box = augment.draft_box(image, augment.center_box(*image.size, size, round(size * 256 / 224)), size)
+        reference = np.asarray(augment.resize_box(image, box, size, Image.Resampling.BILINEAR), np.int16)
+    assert np.abs(centre - reference).mean() < 0.3
+
+
+def test_a_shifted_region_would_be_caught(region_decoder):
+    """The agreement check above is sharp: a crop one pixel off differs by much more."""
+    data = photo_like(500, 375, seed=1)
+    params = augment.CropParams(100, 80, 200, 180, "bilinear", False)
+    shifted = augment.CropParams(101, 80, 200, 180, "bilinear", False)
+    with Image.open(io.BytesIO(data)) as a, Image.open(io.BytesIO(data)) as b:
+        diff = np.abs(np.asarray(augment._apply_crop(a, params, 224), np.int16)
+                      - np.asarray(augment._apply_crop(b, shifted, 224), np.int16)).mean()
+    assert diff > 1.5
+
+
+def test_region_decoder_leaves_what_it_cannot_do_to_pillow(region_decoder):
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 48), (10, 20, 30, 40)).save(cmyk, format="JPEG")
+    assert augment.EncodedImage.open(cmyk.getvalue()) is None  # CMYK: Pillow converts it
+    assert augment.random_crop_image(cmyk.getvalue(), 32, augment.CropSpec(), random.Random(0)).size == (32, 32)
+    truncated = photo_like(500, 375, seed=2)[:4000]
+    with pytest.raises(OSError, match="truncated"):  # libjpeg only warns; Pillow's verdict stands
+        augment.random_crop_image(truncated, 224, augment.CropSpec(area=(1.0, 1.0)), random.Random(0))
+
+
+def test_without_the_region_decoder_pillow_decodes(region_decoder):
+    data = photo_like(500, 375, seed=3)
+    with_library = augment.random_crop_image(data, 224, augment.CropSpec(), random.Random(4))
+    saved = jpeg_region._lib
+    jpeg_region.use_library(None)
+    try:
+        assert augment.EncodedImage.open(data) is None
+        plain = np.asarray(augment.random_crop_image(data, 224, augment.CropSpec(), random.Random(4)), np.int16)
+    finally:
+        jpeg_region._lib = saved
+    assert np.abs(plain - pillow_crop(data, 224, 4)).max() == 0
+    assert np.abs(np.asarray(with_library, np.int16) - plain).mean() < 1.5
+
+
+# ------------------------------------------------------------------------------------------ raw pixels
+@pytest.fixture(scope="module")
+def raw_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    generate(root / "images", SyntheticSpec(num_classes=3, train_per_class=8, val_per_class=2, min_side=24,
+                                            max_side=40, seed=3))
+    images = root / "images"
+    params = PrepParams(train=str(images / "train"), val=str(images / "val"),
+                        val_labels=str(images / "val_labels.txt"), shard_size=5, raw_pixels=True)
+    run(params, root / "shards")
+    return root / "shards"
+
+
+def test_raw_pixel_shards_are_recorded_and_read_without_decoding(raw_data):
+    manifest = json.loads((raw_data / "manifest.json").read_text())
+    assert manifest["parameters"]["raw_pixels"] is True
+    with tarfile.open(raw_data / "train-000000.tar") as tar:
+        assert {Path(n).suffix for n in tar.getnames()} == {".ppm", ".cls", ".json"}
+    data = open_prepared(raw_data)
+    items = list(shard_range(data.train[0], 0, data.train[0].samples, data.num_classes))
+    assert all(isinstance(item, Sample) for item in items)
+    for seed, item in enumerate(items):
+        pixels = augment.raw_pixels(item.data)
+        with Image.open(io.BytesIO(item.data)) as image:  # a PPM: Pillow reads the same pixels
+            assert np.array_equal(pixels, np.asarray(image))
+            reference = augment.random_resized_crop(image, 16, augment.CropSpec(), random.Random(seed))
+        fast = augment.random_crop_image(item.data, 16, augment.CropSpec(), random.Random(seed))
+        assert np.array_equal(np.asarray(fast), np.asarray(reference))  # the same crop, exactly
+
+
+def test_raw_pixels_flag_of_the_command(tmp_path):
+    from data_prep.cli import build_parser
+
+    args = build_parser().parse_args(["shards", "--train", "t", "--out", str(tmp_path), "--raw-pixels"])
+    assert args.raw_pixels is True
+    assert "raw_pixels" not in PrepParams(train="t").to_json()  # older preparations still resume
+
+
+# ------------------------------------------------------------------------------------------ shard index
+def test_each_shard_has_an_index_of_its_members(tiny_data):
+    shard = tiny_data / "train-000000.tar"
+    entries = tar_index.load_index(shard)
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+    assert len(entries) == len(members) // 3
+    for entry, group in zip(entries, zip(*[iter(members)] * 3)):
+        assert entry.offset == group[0].offset and entry.key == group[0].name.split(".")[0]
+        assert {f: (entry.offset + start, size) for f, (start, size) in entry.fields.items()} == {
+            m.name.split(".", 1)[1]: (m.offset_data, m.size) for m in group}
+    assert tar_index.scan(shard) == (entries, None)  # what the loader builds for a shard without one
+    record = json.loads((tiny_data / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    assert record["index"] == "train-000000.tar.idx"
+
+
+def damaged_copy(tiny_data: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    return copy
+
+
+def test_damage_spoils_only_the_samples_it_covers(tiny_data, tmp_path):
+    """With the index, a zeroed header loses one sample (named by its key): the samples after it
+    are read, where walking the tar loses the rest of the shard."""
+    copy = damaged_copy(tiny_data, tmp_path)
+    path = copy / "train-000002.tar"
+    entries = tar_index.load_index(path)
+    raw = bytearray(path.read_bytes())
+    raw[entries[1].offset:entries[1].offset + 512] = bytes(512)
+    path.write_bytes(bytes(raw))
+    data = open_prepared(copy)
+    items = list(shard_range(data.train[2], 0, data.train[2].samples, data.num_classes))
+    assert [type(item).__name__ for item in items] == ["Sample", "Skipped", "Sample", "Sample", "Sample"]
+    assert items[1].key == entries[1].key and "damaged tar header" in items[1].reason
+    (copy / "train-000002.tar.idx").unlink()  # a shard from an older version: its tar is walked
+    items = list(shard_range(data.train[2], 0, data.train[2].samples, data.num_classes))
+    assert isinstance(items[0], Sample) and all(isinstance(item, Skipped) for item in items[1:])
+    assert all("ends after 1 samples" in item.reason for item in items[1:])  # tarfile: a zero block ends a tar
+
+
+def test_a_truncated_shard_keeps_the_samples_before_the_cut(tiny_data, tmp_path):
+    copy = damaged_copy(tiny_data, tmp_path)
+    path = copy / "train-000001.tar"
+    entries = tar_index.load_index(path)
+    path.write_bytes(path.read_bytes()[:entries[3].offset + 700])
+    data = open_prepared(copy)
+    items = list(shard_range(data.train[1], 0, data.train[1].samples, data.num_classes))
+    assert [isinstance(item, Sample) for item in items] == [True, True, True, False, False]
+    assert all("missing" in item.reason or "tar breaks" in item.reason for item in items[3:])
+
+
+def test_index_and_tar_walk_give_the_same_batches(tiny_data, tmp_path):
+    copy = damaged_copy(tiny_data, tmp_path)
+    for index in copy.glob("*.idx"):
+        index.unlink()
+
+    def batches(directory):
+        data = open_prepared(directory)
+        stream = TrainStream(data.train, batch_size=4, batches_per_epoch=6, rank=0, world_size=1, seed=0,
+                             image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20,
+                             eval_resize=36, num_classes=data.num_classes)
+        stream.set_epoch(0)
+        return [(x.clone(), y.clone()) for x, y, _ in make_loader(stream, 0, pin_memory=False)]
+
+    for (x, y), (x2, y2) in zip(batches(tiny_data), batches(copy), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+# ------------------------------------------------------------------------------------------ batches
+def test_batches_are_channels_last_views_and_keep_that_layout(tiny_data):
+    data = open_prepared(tiny_data)
+    stream = TrainStream(data.train, batch_size=4, batches_per_epoch=3, rank=0, world_size=1, seed=0,
+                         image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20, eval_resize=36,
+                         num_classes=data.num_classes)
+    stream.set_epoch(0)
+    val = EvalStream(data.val, batch_size=3, rank=0, world_size=1, image_size=32, resize=36,
+                     num_classes=data.num_classes)
+    for loader in (make_loader(stream, 2, pin_memory=False), make_loader(val, 0, pin_memory=False)):
+        for x, y, _ in loader:
+            assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.uint8 and len(x) == len(y)
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            assert x.to(torch.float32).is_contiguous(memory_format=torch.channels_last)
+            if torch.cuda.is_available():
+                assert x.pin_memory().is_contiguous(memory_format=torch.channels_last)
+                assert x.to("cuda").is_contiguous(memory_format=torch.channels_last)
+
+
+def test_verify_checks_raw_pixel_shards_and_indexes(raw_data, tmp_path):
+    from data_prep import verify
+
+    assert verify.verify(raw_data) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(raw_data, copy)
+    (copy / "val-000000.tar.idx").write_text('{"version": 1, "shard_bytes": 0, "samples": []}')
+    problems = verify.verify(copy)
+    assert len(problems) == 1 and "val-000000.tar.idx: missing, or does not match" in problems[0]
+
+
+def test_persistent_workers_go_on_with_the_next_epoch_exactly(tiny_data):
+    from pipeline.data import WebDatasetInput
+
+    data = open_prepared(tiny_data)
+
+    def stream():
+        return TrainStream(data.train, batch_size=4, batches_per_epoch=6, rank=0, world_size=1, seed=0,
+                           image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20,
+                           eval_resize=36, num_classes=data.num_classes)
+
+    def fresh(epoch, start_batch=0):
+        s = stream()
+        s.set_epoch(epoch, start_batch)
+        return [(x.clone(), y.clone()) for x, y, _ in make_loader(s, 2, pin_memory=False)]
+
+    loader_input = WebDatasetInput(stream(), None, workers=2, pin_memory=False)
+    seen, workers = [], []
+    for epoch, start in ((0, 0), (1, 0), (2, 0), (2, 4), (3, 0)):  # (2, 4): a resume mid-epoch
+        batches = loader_input.train_batches(epoch, start)
+        seen.append([(x.clone(), y.clone()) for x, y, _ in batches])
+        workers.append([w.pid for w in batches._workers])
+    assert workers[0] == workers[1] == workers[2] and workers[3] != workers[2] and workers[4] == workers[3]
+    for (epoch, start), got in zip(((0, 0), (1, 0), (2, 0), (2, 4), (3, 0)), seen):
+        expected = fresh(epoch, start)
+        assert len(got) == len(expected) == 6 - start
+        assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(got, expected))
