@@ -36,6 +36,7 @@ int jpeg_region_info(const unsigned char *data, unsigned long size, int *width, 
                      int *components, char *message) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
+    memset(&cinfo, 0, sizeof cinfo);  /* destroying it is then safe even if creating it failed */
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = fail;
     err.pub.emit_message = on_message;
@@ -54,19 +55,31 @@ int jpeg_region_info(const unsigned char *data, unsigned long size, int *width, 
     return 0;
 }
 
+/* Whether cropped decoding gives a full decode's pixels: libjpeg-turbo upsamples the chroma
+ * of a cropped region as if its edges were the image's, which the caller's margin absorbs for
+ * 4:4:4, 4:2:2, 4:4:0 and 4:2:0, but not for rarer samplings (4x2, 2x4, ...). */
+static int common_sampling(const struct jpeg_decompress_struct *cinfo) {
+    int c;
+    if (cinfo->comp_info[0].h_samp_factor > 2 || cinfo->comp_info[0].v_samp_factor > 2) return 0;
+    for (c = 1; c < cinfo->num_components; c++)
+        if (cinfo->comp_info[c].h_samp_factor != 1 || cinfo->comp_info[c].v_samp_factor != 1) return 0;
+    return 1;
+}
+
 /* Decode rows top..top+rows-1 and at least columns left..left+columns-1 of the image scaled by
- * 1/scale (scale 1, 2, 4 or 8; coordinates in the scaled image) as RGB into ``out`` (room for
- * rows x scaled width x 3 bytes). libjpeg widens the columns to whole MCUs: the decoded
+ * 1/scale (scale 1, 2, 4 or 8; coordinates in the scaled image) as RGB into ``out`` (``capacity``
+ * bytes, room for rows x scaled width x 3). libjpeg widens the columns to whole MCUs: the decoded
  * columns are *out_left..*out_left+*out_columns-1, stored row after row without padding.
  * Returns 0 on success, -1 with ``message`` set on any error or warning, -2 if a colour
- * space cannot be converted to RGB (CMYK, YCCK). */
+ * space cannot be converted to RGB (CMYK, YCCK), -3 for an uncommon chroma sampling. */
 int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale, int left, int top,
-                       int columns, int rows, unsigned char *out, int *out_left, int *out_columns,
-                       char *message) {
+                       int columns, int rows, unsigned char *out, unsigned long capacity, int *out_left,
+                       int *out_columns, char *message) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JDIMENSION xoffset, width;
     int row;
+    memset(&cinfo, 0, sizeof cinfo);
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = fail;
     err.pub.emit_message = on_message;
@@ -82,12 +95,17 @@ int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale,
         jpeg_destroy_decompress(&cinfo);
         return -2;
     }
+    if (!common_sampling(&cinfo)) {
+        jpeg_destroy_decompress(&cinfo);
+        return -3;
+    }
     cinfo.out_color_space = JCS_RGB;
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)scale;
     jpeg_start_decompress(&cinfo);
-    if (left < 0 || top < 0 || columns < 1 || rows < 1 ||
-        (JDIMENSION)(left + columns) > cinfo.output_width || (JDIMENSION)(top + rows) > cinfo.output_height) {
+    if (left < 0 || top < 0 || columns < 1 || rows < 1 || (JDIMENSION)left >= cinfo.output_width ||
+        (JDIMENSION)columns > cinfo.output_width - (JDIMENSION)left || (JDIMENSION)top >= cinfo.output_height ||
+        (JDIMENSION)rows > cinfo.output_height - (JDIMENSION)top) {
         snprintf(message, JMSG_LENGTH_MAX, "region %dx%d+%d+%d outside the %ux%u image", columns, rows, left,
                  top, cinfo.output_width, cinfo.output_height);
         jpeg_destroy_decompress(&cinfo);
@@ -96,6 +114,11 @@ int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale,
     xoffset = (JDIMENSION)left;
     width = (JDIMENSION)columns;
     if (width < cinfo.output_width) jpeg_crop_scanline(&cinfo, &xoffset, &width);
+    if ((unsigned long)rows * width * 3 > capacity) {
+        snprintf(message, JMSG_LENGTH_MAX, "%d rows of %u columns do not fit in %lu bytes", rows, width, capacity);
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
     if (top > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)top);
     for (row = 0; row < rows; row++) {
         JSAMPROW line = out + (size_t)row * width * 3;

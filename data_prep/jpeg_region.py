@@ -35,7 +35,8 @@ def _load(path: Path):
     size_p, int_p = ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
     lib.jpeg_region_info.argtypes = [ctypes.c_char_p, size_p, int_p, int_p, int_p, ctypes.c_char_p]
     lib.jpeg_region_decode.argtypes = [ctypes.c_char_p, size_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, int_p, int_p, ctypes.c_char_p]
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, size_p, int_p, int_p,
+                                       ctypes.c_char_p]
     return lib
 
 
@@ -82,10 +83,12 @@ def decode_region(data: bytes, width: int, scale: int, left: int, top: int, righ
     out = np.empty((rows, scaled_size(width, 1, scale)[0], 3), dtype=np.uint8)  # room for any MCU alignment
     first, decoded = ctypes.c_int(), ctypes.c_int()
     message = ctypes.create_string_buffer(MESSAGE_BYTES)
-    status = _lib.jpeg_region_decode(data, len(data), scale, left, top, columns, rows, out.ctypes.data,
+    status = _lib.jpeg_region_decode(data, len(data), scale, left, top, columns, rows, out.ctypes.data, out.nbytes,
                                      ctypes.byref(first), ctypes.byref(decoded), message)
     if status == -2:
         raise RegionDecodeError("CMYK/YCCK JPEG: no RGB conversion in libjpeg")
+    if status == -3:
+        raise RegionDecodeError("uncommon chroma sampling: cropped decoding would differ from a full one")
     if status:
         raise RegionDecodeError(message.value.decode(errors="replace"))
     # The rows were written packed at the decoded width: view them as such.

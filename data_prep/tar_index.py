@@ -87,11 +87,23 @@ def load_index(shard: str | Path) -> list[Entry] | None:
     headers are walked instead)."""
     try:
         payload = json.loads(index_path(shard).read_text(encoding="utf-8"))
-        if payload.get("version") != INDEX_VERSION or payload.get("shard_bytes") != os.path.getsize(shard):
+        shard_bytes = os.path.getsize(shard)
+        if payload.get("version") != INDEX_VERSION or payload.get("shard_bytes") != shard_bytes:
             return None
-        return [Entry.from_json(row) for row in payload["samples"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        entries = [Entry.from_json(row) for row in payload["samples"]]
+    except Exception:  # unreadable, not JSON, or JSON of another shape: walk the headers instead
         return None
+    return entries if all(entry_fits(e, shard_bytes) for e in entries) else None
+
+
+def entry_fits(entry: Entry, shard_bytes: int) -> bool:
+    """Whether an index entry lies inside the shard, each field after a header inside the entry
+    (a damaged index must not make a reader allocate or read what is not there)."""
+    if not (isinstance(entry.offset, int) and isinstance(entry.length, int)
+            and 0 <= entry.offset and 0 < entry.length and entry.offset + entry.length <= shard_bytes):
+        return False
+    return all(isinstance(start, int) and isinstance(size, int) and BLOCK <= start and 0 <= size
+               and start + size <= entry.length for start, size in entry.fields.values())
 
 
 def scan(shard: str | Path) -> tuple[list[Entry], str | None]:

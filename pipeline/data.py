@@ -193,7 +193,7 @@ def shard_range(shard: Shard, first: int, last: int, num_classes: int):
     it cannot be located, so they are recorded as unreadable."""
     try:
         reader = SampleReader(shard.url)
-    except OSError as exc:
+    except Exception as exc:  # the shard cannot be opened or walked at all
         for i in range(first, last):
             yield Skipped(shard.url, i, None, f"is unreadable: {type(exc).__name__}: {exc}")
         return

@@ -58,12 +58,17 @@ def make_accelerator(config: Config) -> Accelerator:
     return accelerator
 
 
-def loader_workers(configured: int | None) -> int:
-    """``data.workers``, where null means the cores of this host per local training process."""
+def loader_workers(configured: int | None, accelerator: Accelerator) -> int:
+    """``data.workers``, where null means the cores per local training process: the fewest any
+    process of the job has, the same number on every rank (it is part of the run's layout, which
+    a resume checks on every rank; nodes of a job may differ)."""
     if configured is not None:
         return configured
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, len(os.sched_getaffinity(0)) // local_processes)
+    workers = torch.tensor([max(1, len(os.sched_getaffinity(0)) // local_processes)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(workers, op=torch.distributed.ReduceOp.MIN)
+    return int(workers.item())
 
 
 # How gloo (and torch's store) report a peer that stopped answering or died.

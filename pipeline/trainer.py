@@ -124,7 +124,7 @@ def build_network(config: Config, num_classes: int) -> torch.nn.Module:
 def build_run(config: Config, data: PreparedData) -> Run:
     c = config
     accelerator = make_accelerator(c)
-    c.data.workers = loader_workers(c.data.workers)  # resolved once: the batch order depends on it
+    c.data.workers = loader_workers(c.data.workers, accelerator)  # resolved once: the batch order depends on it
     baked = data.augment_copies > 0
     if baked and data.augment_size != c.data.image_size:
         raise ConfigError(
@@ -138,7 +138,9 @@ def build_run(config: Config, data: PreparedData) -> Run:
 
     model = build_network(c, data.num_classes)
     on_cuda = accelerator.device.type == "cuda"
-    optimizer = build_optimizer(model, lr, c.optim, fused=on_cuda)
+    # Not under fp16: with a fused optimizer the GradScaler lets it skip an overflowing update
+    # inside its kernel, and step_was_skipped no longer tells (the EMA would average the skip).
+    optimizer = build_optimizer(model, lr, c.optim, fused=on_cuda and c.train.mixed_precision != "fp16")
     # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
     scheduler = build_scheduler(optimizer, c.schedule, layout.updates_per_epoch)
     compile_mode = c.model.compile_mode if c.model.compile and on_cuda else None

@@ -207,6 +207,28 @@ def test_a_truncated_shard_keeps_the_samples_before_the_cut(tiny_data, tmp_path)
     assert all("missing" in item.reason or "tar breaks" in item.reason for item in items[3:])
 
 
+@pytest.mark.parametrize("damage", ["null", "shape", "huge"])
+def test_a_damaged_index_is_ignored_and_the_tar_walked(tiny_data, tmp_path, damage):
+    """An index that is not what preparation wrote (another JSON shape, an entry pointing outside
+    the shard) must not crash a loader worker nor make it read what is not there."""
+    copy = damaged_copy(tiny_data, tmp_path)
+    path = copy / "train-000001.tar"
+    index = tar_index.index_path(path)
+    payload = json.loads(index.read_text())
+    if damage == "null":
+        index.write_text("null")
+    elif damage == "shape":
+        payload["samples"][0] = {"key": "x", "offset": 0, "length": 1, "fields": {}}
+        index.write_text(json.dumps(payload))
+    else:
+        payload["samples"][2][2] = 10**12  # a length far past the shard's end
+        index.write_text(json.dumps(payload))
+    assert tar_index.load_index(path) is None
+    data = open_prepared(copy)
+    items = list(shard_range(data.train[1], 0, data.train[1].samples, data.num_classes))
+    assert all(isinstance(item, Sample) for item in items) and len(items) == data.train[1].samples
+
+
 def test_index_and_tar_walk_give_the_same_batches(tiny_data, tmp_path):
     copy = damaged_copy(tiny_data, tmp_path)
     for index in copy.glob("*.idx"):

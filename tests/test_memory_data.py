@@ -3,6 +3,7 @@ batches per rank, every validation sample once, exact resume, the crops' distrib
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torchvision
 from data_prep import augment
 from data_prep.plan import PrepParams
 from data_prep.writer import run
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_config
 from pipeline.data import open_prepared
 from pipeline.memory_data import MemoryInput, decode_split, resample, sample_boxes
 from test_archives import cifar10_archive
@@ -173,8 +174,10 @@ def test_two_processes_train_from_memory_exactly_and_resume_to_the_same_weights(
     from test_train import EXACT, TINY, final_weights, launch, metrics
 
     args = [*TINY, *EXACT, "data.loader=memory", "data.augment.crop_area=[0.25,1.0]", f"data.dir={cifar_shards}",
-            f"output_dir={tmp_path}", "schedule.epochs=2"]
+            f"output_dir={tmp_path}", "schedule.epochs=2", "data.workers=null"]  # null: cores per process
     launch(2, *args, "name=straight", cwd=tmp_path)
+    cores = len(os.sched_getaffinity(0))
+    assert load_config(tmp_path / "straight/config.yaml").data.workers == max(1, cores // 2)
     records = metrics(tmp_path / "straight")
     assert [r["val_samples"] for r in records] == [17, 17]
     assert [r["train_samples"] for r in records] == [80, 80]  # 2 ranks x 10 batches of 4 of the 85
