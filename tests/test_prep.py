@@ -358,6 +358,23 @@ def test_resume_after_kill_mid_run(tmp_path):
     assert (out / "manifest.json").read_bytes() == (tmp_path / "ref" / "manifest.json").read_bytes()
 
 
+def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
+    """A kill can land while a shard or its index is being written: their temporary files are
+    removed when the shard is written again (the kill test above hits the index only by chance)."""
+    class_folders(tmp_path / "train", {"a": 3, "b": 3})
+    out, _ = prep(tmp_path, train=str(tmp_path / "train"))
+    # As a kill before shard 0's record leaves it: no record, no manifest, temporary files.
+    (out / "manifest.json").unlink()
+    records = sorted((out / ".parts").glob("*.json"))
+    record = next(p for p in records if "train-000000" in json.loads(p.read_text()).get("name", ""))
+    record.unlink()
+    stale = [out / "train-000000.tar.tmp123", out / "train-000000.tar.idx.tmp456"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    prep(tmp_path, train=str(tmp_path / "train"))
+    assert not any(path.exists() for path in stale) and (out / "train-000000.tar.idx").is_file()
+
+
 def test_rerun_with_other_parameters_is_refused(tmp_path):
     class_folders(tmp_path / "train", {"a": 4})
     prep(tmp_path, train=str(tmp_path / "train"))
