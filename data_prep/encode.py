@@ -47,7 +47,9 @@ class Encoded:
     height: int
     original_width: int
     original_height: int
-    converted: str | None  # why the bytes were re-encoded (None: original bytes kept)
+    # why the image was changed (None: original bytes kept or, with raw_pixels, the same pixels
+    # stored as such: that is the storage format, recorded in the manifest, not a conversion)
+    converted: str | None
 
 
 @contextmanager
@@ -148,7 +150,7 @@ def encode(data: bytes, spec: EncodeSpec) -> Encoded:
     fmt, mode, (width, height) = header(data)
     new_size = target_size(width, height, spec.resize_shorter)
     reasons = []
-    if fmt != "JPEG":
+    if fmt != "JPEG" and not spec.raw_pixels:
         reasons.append(f"{fmt or 'unknown'} to JPEG")
     if mode != "RGB":
         reasons.append(f"{mode} to RGB")
@@ -164,4 +166,4 @@ def encode(data: bytes, spec: EncodeSpec) -> Encoded:
     image = to_rgb(open_image(data, draft_size=new_size))
     if image.size != new_size:
         image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
-    return Encoded(store(image, spec), *new_size, width, height, ", ".join(reasons))
+    return Encoded(store(image, spec), *new_size, width, height, ", ".join(reasons) or None)

@@ -235,3 +235,5 @@ def test_raw_pixel_shards_hold_the_archives_pixels_exactly(tmp_path):
         for name, (want_image, want_label) in zip(sorted(stored, key=order_key), expected[part]):
             image, label = stored[name]
             assert np.array_equal(image, want_image) and label == want_label
+        # Pixels stored as pixels: nothing was converted (the format is the manifest's raw_pixels).
+        assert manifest["splits"][split]["converted"] == 0
