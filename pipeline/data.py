@@ -225,35 +225,29 @@ def equal_ranges(total: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def stack_batches(samples, batch_size: int, blank: torch.Tensor | None = None):
-    """Batches of (uint8 images, int64 labels, skip records) from (image, label) pairs, where an
-    image of None stands for a skipped sample and its label for its record.
-
-    Training passes ``blank`` (a zero image): a skipped sample's slot is kept, holding a copy of
-    another image of the batch (so that batch norm sees real images; ``blank`` if there is none)
-    with IGNORE_LABEL, so that every rank keeps its batch count and shapes. Validation passes no
-    ``blank``: the slot is dropped (a batch may then hold no image, only records)."""
+def stack_batches(samples, batch_size: int):
+    """Batches of (uint8 tensors stacked, int64 labels, skip records) from (tensor, label) pairs,
+    where a tensor of None stands for a skipped sample and its label for its record: the slot is
+    dropped (a batch may then hold no tensor, only records). For the evaluation's crop stacks;
+    the trainer's streams use ``image_batches``."""
     images, labels, skipped = [], [], []
 
     def batch():
-        if blank is None:
-            kept = [(x, y) for x, y in zip(images, labels) if x is not None]
-            stacked = torch.stack([x for x, _ in kept]) if kept else torch.zeros(0, dtype=torch.uint8)
-            return stacked, torch.tensor([y for _, y in kept], dtype=torch.int64), tuple(skipped)
-        stand_in = next((x for x in images if x is not None), blank)
-        stacked = torch.stack([stand_in if x is None else x for x in images])
+        stacked = torch.stack(images) if images else torch.zeros(0, dtype=torch.uint8)
         return stacked, torch.tensor(labels, dtype=torch.int64), tuple(skipped)
 
+    taken = 0
     for image, label in samples:
+        taken += 1
         if image is None:
             skipped.append(label)
-            label = IGNORE_LABEL
-        images.append(image)
-        labels.append(label)
-        if len(images) == batch_size:
+        else:
+            images.append(image)
+            labels.append(label)
+        if taken == batch_size:
             yield batch()
-            images, labels, skipped = [], [], []
-    if images:
+            images, labels, skipped, taken = [], [], [], 0
+    if taken:
         yield batch()
 
 
