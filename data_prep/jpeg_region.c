@@ -31,16 +31,23 @@ static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) fail(cinfo);  /* a warning: corrupt or truncated data */
 }
 
+/* Errors and warnings of ``cinfo`` go to ``err`` (its ``escape`` is set by the caller), their
+ * text to ``message``; ``cinfo`` is zeroed first, so destroying it is safe even if creating it
+ * failed. */
+static void init_errors(struct jpeg_decompress_struct *cinfo, struct error_manager *err, char *message) {
+    memset(cinfo, 0, sizeof *cinfo);
+    cinfo->err = jpeg_std_error(&err->pub);
+    err->pub.error_exit = fail;
+    err->pub.emit_message = on_message;
+    err->message = message;
+}
+
 /* The image's size and components (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK); 0 on success. */
 int jpeg_region_info(const unsigned char *data, unsigned long size, int *width, int *height,
                      int *components, char *message) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
-    memset(&cinfo, 0, sizeof cinfo);  /* destroying it is then safe even if creating it failed */
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = fail;
-    err.pub.emit_message = on_message;
-    err.message = message;
+    init_errors(&cinfo, &err, message);
     if (setjmp(err.escape)) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
@@ -79,12 +86,8 @@ int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale,
     struct error_manager err;
     JDIMENSION xoffset, width;
     int row;
-    memset(&cinfo, 0, sizeof cinfo);
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = fail;
-    err.pub.emit_message = on_message;
-    err.message = message;
-    if (setjmp(err.escape)) {
+    init_errors(&cinfo, &err, message);
+    if (setjmp(err.escape)) {  /* setjmp must run in the function that calls libjpeg */
         jpeg_destroy_decompress(&cinfo);
         return -1;
     }
