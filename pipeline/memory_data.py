@@ -28,6 +28,7 @@ same box as the shard loader's, resampled bilinearly on the device).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing
@@ -35,16 +36,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torchvision.ops import roi_align
 
 from data_prep import augment
 
 from .config import ConfigError
-from .data import BadSampleError, PreparedData, Shard, equal_ranges, mix_seed
-
-IMAGE_FIELDS = ("jpg", "ppm")  # JPEG, or raw pixels (shards prepared with raw pixels)
+from .data import BadSampleError, PreparedData, Sample, Shard, Skipped, equal_ranges, mix_seed, shard_range
 
 
 @dataclass
@@ -54,27 +52,23 @@ class DecodedShard:
     labels: np.ndarray  # int64 [n]
 
 
-def decode_shard(shard: Shard) -> DecodedShard:
-    """Every sample of one shard, decoded with Pillow; a damaged one raises BadSampleError."""
+def decode_shard(shard: Shard, num_classes: int) -> DecodedShard:
+    """Every sample of one shard (read as the shard loader reads it), decoded with Pillow; a
+    sample that cannot be read or decoded raises BadSampleError naming it."""
     images, labels = [], []
-    try:
-        for sample in wds.tarfile_to_samples()([{"url": shard.url}]):
-            key = sample["__key__"]
-            data = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
+    for item in shard_range(shard, 0, shard.samples, num_classes):
+        if isinstance(item, Sample):
             try:
-                if data is None or "cls" not in sample:
-                    raise ValueError("lacks an image or a label (damaged shard)")
-                with Image.open(io.BytesIO(data)) as image:
+                with Image.open(io.BytesIO(item.data)) as image:
                     images.append(np.asarray(image.convert("RGB")))
-                labels.append(int(sample["cls"]))
             except Exception as exc:  # any decoder failure is this sample's
-                raise BadSampleError(f"{shard.url}: sample {key} does not decode ({type(exc).__name__}: {exc})") from exc
-    except BadSampleError:
-        raise
-    except Exception as exc:
-        raise BadSampleError(f"{shard.url}: unreadable after {len(images)} samples ({type(exc).__name__}: {exc})") from exc
-    if len(images) != shard.samples:
-        raise BadSampleError(f"{shard.url}: holds {len(images)} samples, the manifest says {shard.samples}")
+                item = Skipped(item.shard, item.index, item.key, f"does not decode ({type(exc).__name__}: {exc})")
+            else:
+                labels.append(item.label)
+                continue
+        where = f"sample {item.key}" if item.key else f"sample #{item.index}"
+        raise BadSampleError(f"{item.shard}: {where} {item.reason} (data.loader=memory stops on any; "
+                             f"check the shards with 'python -m data_prep verify')")
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise ConfigError(f"data.loader=memory: {shard.url} holds images of several sizes ({sorted(sizes)[:3]}); "
@@ -83,13 +77,14 @@ def decode_shard(shard: Shard) -> DecodedShard:
     return DecodedShard(shard.url, stacked, np.asarray(labels, dtype=np.int64))
 
 
-def decode_split(shards: list[Shard], workers: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_split(shards: list[Shard], workers: int, where: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All shards of a split, in order: (uint8 [N, 3, H, W], int64 [N]) in host memory."""
+    decode = functools.partial(decode_shard, num_classes=num_classes)
     if workers > 0 and len(shards) > 1:
         with multiprocessing.get_context("fork").Pool(min(workers, len(shards))) as pool:
-            decoded = pool.map(decode_shard, shards)
+            decoded = pool.map(decode, shards)
     else:
-        decoded = [decode_shard(s) for s in shards]
+        decoded = [decode(s) for s in shards]
     decoded = [d for d in decoded if len(d.images)]
     sizes = {d.images.shape[1:] for d in decoded}
     if len(sizes) != 1:
@@ -173,8 +168,8 @@ class MemoryInput:
         if needed > data.train_samples:
             raise ValueError(f"{world_size} ranks x {batches_per_epoch} batches x {batch_size} samples exceed "
                              f"the epoch's {data.train_samples} training samples")
-        train_images, train_labels = decode_split(data.train, workers, f"{data.directory} (train)")
-        val_images, val_labels = decode_split(data.val, workers, f"{data.directory} (val)")
+        train_images, train_labels = decode_split(data.train, workers, f"{data.directory} (train)", data.num_classes)
+        val_images, val_labels = decode_split(data.val, workers, f"{data.directory} (val)", data.num_classes)
         self.train_images, self.train_labels = train_images.to(self.device), train_labels.to(self.device)
         self.val_images, self.val_labels = val_images.to(self.device), val_labels.to(self.device)
         _, _, self.height, self.width = self.train_images.shape

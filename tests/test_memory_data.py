@@ -15,7 +15,7 @@ from data_prep import augment
 from data_prep.plan import PrepParams
 from data_prep.writer import run
 from pipeline.config import ConfigError, load_config
-from pipeline.data import open_prepared
+from pipeline.data import BadSampleError, open_prepared
 from pipeline.memory_data import MemoryInput, decode_split, resample, sample_boxes
 from test_archives import cifar10_archive
 
@@ -67,7 +67,7 @@ def test_every_rank_gets_the_same_number_of_full_batches_of_distinct_samples(cif
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_validation_covers_every_sample_once_across_ranks(cifar_shards, world):
     data = open_prepared(cifar_shards)
-    expected_images, expected_labels = decode_split(data.val, 0, "val")
+    expected_images, expected_labels = decode_split(data.val, 0, "val", data.num_classes)
     seen_images, seen_labels = [], []
     for rank in range(world):
         for images, labels, skipped in memory_input(cifar_shards, rank, world, image_size=32, eval_resize=32).val_batches():
@@ -187,3 +187,16 @@ def test_two_processes_train_from_memory_exactly_and_resume_to_the_same_weights(
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_a_damaged_shard_stops_the_loading_naming_the_sample(cifar_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(cifar_shards, copy)
+    shard = sorted(copy.glob("train-*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[1500:4000] = bytes(2500)  # inside the first sample's pixels and the next header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(BadSampleError, match=rf"{shard}: sample \S+ .*data.loader=memory stops"):
+        memory_input(copy)
