@@ -10,8 +10,8 @@ Rows of the table (every one a forward, backward and SGD step on ``--batch`` ima
 ``--size`` pixels, 1,000 classes):
 - ``googlenet_bn``: this project's batch-norm GoogLeNet as ``configs/imagenet_bn.yaml`` trains
   it, device-resident (one uint8 batch kept on the device, as the loader delivers it): the
-  trainer's own step (``pipeline.step``: photometric distortion and normalisation on the
-  device, bf16 autocast, channels_last, loss of all heads, the trainer's top-k tally, fused SGD,
+  trainer's own step (``pipeline.device_augment``: photometric distortion and normalisation on
+  the device; ``pipeline.step``: bf16 autocast, channels_last, loss of all heads, the trainer's top-k tally, fused SGD,
   the EMA every ``ema.every`` updates),
   compiled with torch.compile on CUDA unless ``--no-compile``;
 - ``googlenet (paper)``: the paper's GoogLeNet (LRN, no batch norm) the same way, bf16;
