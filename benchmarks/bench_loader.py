@@ -3,7 +3,7 @@ torchvision's ImageFolder + PIL pipeline, on the same images, batch size and wor
 in one run.
 
     python benchmarks/bench_loader.py --src DIR [--replicate N] [--size 224] [--workers 2] [--batches 40]
-                                      [--photometric] [--raw-pixels] [--no-ffcv]
+                                      [--photometric] [--raw-pixels | --reencode] [--no-ffcv]
 
 Every contestant does the paper's crop (area 8-100%, aspect 3/4-4/3) and flip and ends with
 a normalised float batch on the device (``--device``):
@@ -11,7 +11,8 @@ a normalised float batch on the device (``--device``):
   + ``Normalize`` per image in DataLoader worker processes;
 - WebDataset: shards prepared from the same files (outside the timing); ``TrainStream``
   worker processes decode (only the crop's region, at reduced JPEG scale when possible) and
-  crop into uint8; with ``--raw-pixels`` the shards hold raw pixels (for tiny images);
+  crop into uint8; with ``--raw-pixels`` the shards hold raw pixels (for tiny images), with
+  ``--reencode`` JPEGs re-encoded at quality 90 like FFCV's (``data_prep shards --reencode``);
 - FFCV: ``data_prep ffcv`` files from the same files with FFCV's ImageNet settings (512 px,
   half JPEG quality 90, half raw pixels), read by FFCV's ``Loader`` (its worker threads) with
   ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip``, as the trainer does.
@@ -116,7 +117,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--photometric", action="store_true", help="add brightness/contrast/saturation")
-    parser.add_argument("--raw-pixels", action="store_true", help="shards hold raw pixels (data_prep shards --raw-pixels)")
+    stored = parser.add_mutually_exclusive_group()
+    stored.add_argument("--raw-pixels", action="store_true", help="shards hold raw pixels (data_prep shards --raw-pixels)")
+    stored.add_argument("--reencode", action="store_true",
+                        help="shards hold JPEGs re-encoded at quality 90, as FFCV's (data_prep shards --reencode)")
     parser.add_argument("--no-ffcv", action="store_true", help="leave FFCV out (when it is not installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -126,7 +130,8 @@ def main() -> None:
         files = stage(args.src, args.replicate, work / "images")
         images = str(work / "images")  # validation = training images: only the training loader is timed
         sources = PrepParams(train=images, val=images, shard_size=256)
-        shards = PrepParams(train=images, val=images, shard_size=256, raw_pixels=args.raw_pixels)
+        shards = PrepParams(train=images, val=images, shard_size=256, raw_pixels=args.raw_pixels,
+                            reencode=args.reencode)
         prepare(shards, work / "shards", workers=args.workers)
         data = open_prepared(work / "shards")
         if not args.no_ffcv:
@@ -173,7 +178,7 @@ def main() -> None:
         photometric = "off"
         if args.photometric:
             photometric = "batched on the GPU" if on_gpu else "per image in workers (FFCV: batched, main process)"
-        stored = "raw pixels" if args.raw_pixels else "JPEG"
+        stored = "raw pixels" if args.raw_pixels else "JPEG re-encoded at quality 90" if args.reencode else "JPEG"
         print(f"{len(files)} images from {args.src} (x{args.replicate}), {args.size}px crops, batch {args.batch_size}, "
               f"{args.workers} workers, photometric {photometric}, device {device.type}; shards hold {stored}, "
               f"JPEG region decoder {'built' if jpeg_region.available() else 'not built (Pillow)'}")

@@ -161,7 +161,7 @@ def random_resized_crop(image: Image.Image, size: int, spec: CropSpec, rng: rand
     return _apply_crop(image, params, size)
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def _to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     # np.array copies (a small, already-resized image), giving a writable buffer for torch.
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
@@ -206,11 +206,12 @@ class EncodedImage:
             return None  # CMYK; or a decompression bomb that Pillow refuses (or warns about)
         return cls(data, width, height, None)
 
-    def resize_box(self, box, size: int, resample) -> Image.Image | None:
-        """``box`` (full-size coordinates) resized to size x size RGB, as ``resize_box`` after
-        ``draft_box`` does it; None where libjpeg refuses the data (Pillow then decides)."""
+    def resize_box(self, box, size: int, interpolation: str, mirror: bool = False) -> np.ndarray | None:
+        """``box`` (full-size coordinates) resized to uint8 [size, size, 3] with ``interpolation``
+        (and mirrored), as ``resize_box`` after ``draft_box`` does it; None where libjpeg refuses
+        the data (Pillow then decides)."""
         if self.pixels is not None:
-            return Image.fromarray(self.pixels).resize((size, size), resample, box=box)
+            return _resample(self.pixels, box, size, interpolation, mirror)
         scale = draft_scale(box, size)
         box = tuple(v / scale for v in box)
         width, height = jpeg_region.scaled_size(self.width, self.height, scale)
@@ -224,27 +225,43 @@ class EncodedImage:
         except jpeg_region.RegionDecodeError:
             return None
         box = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
-        return Image.fromarray(region).resize((size, size), resample, box=box)
+        return _resample(region, box, size, interpolation, mirror)
 
 
-def random_crop_image(data: bytes, size: int, spec: CropSpec, rng: random.Random) -> Image.Image:
-    """Encoded image bytes -> size x size RGB random resized crop, decoding only what it needs
-    where possible (``EncodedImage``), else with Pillow; the same crop and resampling either way."""
+def _resample(pixels: np.ndarray, box, size: int, interpolation: str, mirror: bool) -> np.ndarray:
+    """Pillow's resize of ``box`` of an RGB array (then mirrored), in C where the library is
+    built (not for nearest, which Pillow samples with its affine transform)."""
+    if interpolation in jpeg_region.FILTERS and jpeg_region.available():
+        return jpeg_region.resample(pixels, box, size, interpolation, mirror)
+    out = np.asarray(Image.fromarray(pixels).resize((size, size), _PIL_RESAMPLE[interpolation], box=box))
+    return out[:, ::-1] if mirror else out
+
+
+def random_crop_array(data: bytes, size: int, spec: CropSpec, rng: random.Random) -> np.ndarray:
+    """Encoded image bytes -> uint8 [size, size, 3] random resized crop (a mirrored view when
+    flipped), decoding only what it needs where possible (``EncodedImage``), else with Pillow;
+    the same crop and resampling either way."""
     encoded = EncodedImage.open(data)
     if encoded is None:
         with Image.open(io.BytesIO(data)) as image:
-            return random_resized_crop(image, size, spec, rng)
+            return np.asarray(random_resized_crop(image, size, spec, rng))
     params = sample_crop(encoded.width, encoded.height, spec, rng)
     box = (params.left, params.top, params.left + params.width, params.top + params.height)
-    out = encoded.resize_box(box, size, _PIL_RESAMPLE[params.interpolation])
+    out = encoded.resize_box(box, size, params.interpolation, params.flip)
     if out is None:
         with Image.open(io.BytesIO(data)) as image:
-            return _apply_crop(image, params, size)
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if params.flip else out
+            return np.asarray(_apply_crop(image, params, size))
+    return out
 
 
-def center_crop_image(data: bytes, size: int, resize_to: int | None = None) -> Image.Image:
-    """Evaluation transform: shorter side -> ``resize_to`` (bilinear), centre crop size x size.
+def random_crop_image(data: bytes, size: int, spec: CropSpec, rng: random.Random) -> Image.Image:
+    """``random_crop_array`` as a PIL image."""
+    return Image.fromarray(np.ascontiguousarray(random_crop_array(data, size, spec, rng)))
+
+
+def center_crop_array(data: bytes, size: int, resize_to: int | None = None) -> np.ndarray:
+    """Evaluation transform: shorter side -> ``resize_to`` (bilinear), centre crop size x size,
+    as uint8 [size, size, 3].
 
     Computed as a single box-resize of the source region that the centre crop covers, which
     samples the same pixel centres as resize-then-crop without resizing the discarded borders.
@@ -254,13 +271,17 @@ def center_crop_image(data: bytes, size: int, resize_to: int | None = None) -> I
         raise ValueError(f"invalid resize_to={resize_to}: must be >= size={size}")
     encoded = EncodedImage.open(data)
     if encoded is not None:
-        out = encoded.resize_box(center_box(encoded.width, encoded.height, size, resize_to), size,
-                                 Image.Resampling.BILINEAR)
+        out = encoded.resize_box(center_box(encoded.width, encoded.height, size, resize_to), size, "bilinear")
         if out is not None:
             return out
     with Image.open(io.BytesIO(data)) as image:
         box = draft_box(image, center_box(*image.size, size, resize_to), size)
-        return resize_box(image, box, size, Image.Resampling.BILINEAR)
+        return np.asarray(resize_box(image, box, size, Image.Resampling.BILINEAR))
+
+
+def center_crop_image(data: bytes, size: int, resize_to: int | None = None) -> Image.Image:
+    """``center_crop_array`` as a PIL image."""
+    return Image.fromarray(center_crop_array(data, size, resize_to))
 
 
 def center_box(w: int, h: int, size: int, resize_to: int) -> tuple[float, float, float, float]:
@@ -277,12 +298,12 @@ def center_box(w: int, h: int, size: int, resize_to: int) -> tuple[float, float,
 
 def decode_random_crop(jpeg_bytes: bytes, size: int, spec: CropSpec, rng: random.Random) -> torch.Tensor:
     """Encoded image bytes -> uint8 [3, size, size] random resized crop."""
-    return _to_tensor(random_crop_image(jpeg_bytes, size, spec, rng))
+    return _to_tensor(random_crop_array(jpeg_bytes, size, spec, rng))
 
 
 def decode_center_crop(jpeg_bytes: bytes, size: int, resize_to: int | None = None) -> torch.Tensor:
-    """``center_crop_image`` as uint8 [3, size, size]."""
-    return _to_tensor(center_crop_image(jpeg_bytes, size, resize_to))
+    """``center_crop_array`` as uint8 [3, size, size]."""
+    return _to_tensor(center_crop_array(jpeg_bytes, size, resize_to))
 
 
 # ----------------------------------------------------------------------------- photometric

@@ -38,6 +38,7 @@ class EncodeSpec:
     resize_shorter: int | None = None  # shrink so the shorter side is at most this; never upscale
     quality: int = 90  # JPEG quality of re-encoded images
     raw_pixels: bool = False  # store decoded RGB pixels (PPM) instead of a JPEG
+    reencode: bool = False  # re-encode every JPEG at ``quality`` (FFCV's storage), not only changed ones
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ def encode(data: bytes, spec: EncodeSpec) -> Encoded:
         reasons.append(f"downscaled from {width}x{height}: over {MAX_STORED_PIXELS} pixels, the most a default Pillow reads")
     elif new_size != (width, height):
         reasons.append(f"resized from {width}x{height}")
+    if spec.reencode and not spec.raw_pixels and not reasons:
+        reasons.append(f"re-encoded at quality {spec.quality}")
     if not reasons and not spec.raw_pixels:
         open_image(data, draft_size=(max(1, width // 8), max(1, height // 8)))  # integrity check only
         return Encoded(data, width, height, width, height, None)

@@ -38,6 +38,7 @@ class PrepParams:
     augment_copies: int = 0
     augment_size: int = 224
     raw_pixels: bool = False  # store decoded RGB pixels (PPM) instead of JPEG: for tiny images
+    reencode: bool = False  # re-encode every JPEG at ``quality``: smaller, faster to decode, lossy
 
     def __post_init__(self):
         checks = {
@@ -54,8 +55,9 @@ class PrepParams:
 
     def to_json(self) -> dict:
         params = asdict(self)
-        if not self.raw_pixels:  # preparations made before the option existed still resume
-            del params["raw_pixels"]
+        for option in ("raw_pixels", "reencode"):  # preparations made before these existed still resume
+            if not params[option]:
+                del params[option]
         return params
 
 

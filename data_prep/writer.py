@@ -91,7 +91,7 @@ def _augmented_copy(data: bytes, item: Item, params: PrepParams) -> bytes:
 
 
 def encode_spec(params: PrepParams) -> encode.EncodeSpec:
-    return encode.EncodeSpec(params.resize_shorter, params.quality, params.raw_pixels)
+    return encode.EncodeSpec(params.resize_shorter, params.quality, params.raw_pixels, params.reencode)
 
 
 def _encode_item(data: bytes, item: Item, params: PrepParams) -> tuple[bytes, dict]:

@@ -387,18 +387,18 @@ class TrainStream(IterableDataset):
         """The training image of one sample, uint8 [size, size, 3]."""
         size = self.image_size
         if self.baked:  # already cropped and distorted at preparation time
-            return np.asarray(augment.center_crop_image(data, size, size))
+            return augment.center_crop_array(data, size, size)
         if self.crop is None:
-            image = augment.center_crop_image(data, size, self.eval_resize)
+            image = augment.center_crop_array(data, size, self.eval_resize)
             if self.photometric is None:
-                return np.asarray(image)
+                return image
             pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
             distorted = augment.photometric_distort(pixels, self.photometric, torch.Generator().manual_seed(seed))
             return distorted.mul_(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
         if self.photometric is not None:
             return augment.decode_random_crop_distorted(data, size, self.crop, random.Random(seed), self.photometric,
                                                         torch.Generator().manual_seed(seed)).permute(1, 2, 0).numpy()
-        return np.asarray(augment.random_crop_image(data, size, self.crop, random.Random(seed)))
+        return augment.random_crop_array(data, size, self.crop, random.Random(seed))
 
     def __iter__(self):
         worker, num_workers = worker_slot()
@@ -446,7 +446,7 @@ class EvalStream(IterableDataset):
         start, stop = equal_ranges(total, self.world_size * num_workers)[self.rank * num_workers + worker]
 
         items = sample_range(self.shards, start, stop, self.num_classes)
-        decode = lambda data: np.asarray(augment.center_crop_image(data, self.image_size, self.resize))  # noqa: E731
+        decode = lambda data: augment.center_crop_array(data, self.image_size, self.resize)  # noqa: E731
         decoded = (decode_or_skip(item, decode, "val") for item in items)
         yield from image_batches(decoded, self.batch_size, self.image_size, keep_skipped=False)
 

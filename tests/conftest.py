@@ -54,3 +54,23 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture(scope="session")
+def region_decoder(tmp_path_factory):
+    """The region decoder, built into a temporary directory when it is not built in the tree;
+    skipped where there is no C compiler or libjpeg-turbo headers."""
+    import subprocess
+
+    from data_prep import jpeg_region
+
+    saved = jpeg_region.LIBRARY if jpeg_region.available() else None
+    if saved is None:
+        target = tmp_path_factory.mktemp("jpeg_region") / "libjpeg_region.so"
+        try:
+            jpeg_region.build(target)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            pytest.skip(f"cannot build the region decoder here: {exc}")
+        assert jpeg_region.use_library(target)
+    yield
+    jpeg_region.use_library(saved)

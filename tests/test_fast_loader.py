@@ -8,7 +8,6 @@ import io
 import json
 import random
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -25,22 +24,6 @@ from pipeline.data import EvalStream, Sample, Skipped, TrainStream, make_loader,
 
 
 # ------------------------------------------------------------------------------------------ region decoder
-@pytest.fixture(scope="module")
-def region_decoder(tmp_path_factory):
-    """The region decoder, built into a temporary directory when it is not built in the tree;
-    skipped where there is no C compiler or libjpeg-turbo headers."""
-    saved = jpeg_region.LIBRARY if jpeg_region.available() else None
-    if saved is None:
-        target = tmp_path_factory.mktemp("jpeg_region") / "libjpeg_region.so"
-        try:
-            jpeg_region.build(target)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            pytest.skip(f"cannot build the region decoder here: {exc}")
-        assert jpeg_region.use_library(target)
-    yield
-    jpeg_region.use_library(saved)
-
-
 def photo_like(width: int, height: int, seed: int, mode: str = "RGB", subsampling: int = 2) -> bytes:
     """Smooth gradients plus texture, JPEG-encoded: closer to a photo than noise."""
     rng = np.random.default_rng(seed)
@@ -153,6 +136,35 @@ def test_raw_pixels_flag_of_the_command(tmp_path):
     args = build_parser().parse_args(["shards", "--train", "t", "--out", str(tmp_path), "--raw-pixels"])
     assert args.raw_pixels is True
     assert "raw_pixels" not in PrepParams(train="t").to_json()  # older preparations still resume
+
+
+def test_reencoded_shards_hold_quality_90_jpegs_and_say_so(tmp_path):
+    """``data_prep shards --reencode``: every JPEG re-encoded at --quality (FFCV's storage), each
+    one recorded with its reason, the option in the manifest; without it the original bytes."""
+    from data_prep.cli import main
+
+    generate(tmp_path / "images", SyntheticSpec(num_classes=2, train_per_class=3, val_per_class=1, min_side=40,
+                                                max_side=64, seed=5))
+    images = tmp_path / "images"
+    sources = ["--train", str(images / "train"), "--val", str(images / "val"),
+               "--val-labels", str(images / "val_labels.txt"), "--workers", "1"]
+    assert main(["shards", *sources, "--out", str(tmp_path / "kept")]) == 0
+    assert main(["shards", *sources, "--out", str(tmp_path / "reencoded"), "--reencode", "--quality", "90"]) == 0
+    manifest = json.loads((tmp_path / "reencoded" / "manifest.json").read_text())
+    assert manifest["parameters"]["reencode"] is True
+    assert "reencode" not in json.loads((tmp_path / "kept" / "manifest.json").read_text())["parameters"]
+    kept = {s.key: s for s in shard_range(open_prepared(tmp_path / "kept").train[0], 0, 5, 2)}
+    for sample in shard_range(open_prepared(tmp_path / "reencoded").train[0], 0, 5, 2):
+        original = kept[sample.key].data
+        assert sample.data != original
+        with Image.open(io.BytesIO(sample.data)) as stored, Image.open(io.BytesIO(original)) as source:
+            assert stored.format == "JPEG" and stored.size == source.size
+            reference = io.BytesIO()
+            source.convert("RGB").save(reference, format="JPEG", quality=90)
+            assert stored.quantization == Image.open(reference).quantization  # quality 90's tables
+    with tarfile.open(tmp_path / "reencoded" / "train-000000.tar") as tar:
+        records = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert records and all(r["converted"] == "re-encoded at quality 90" for r in records)
 
 
 # ------------------------------------------------------------------------------------------ shard index
