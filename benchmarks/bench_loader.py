@@ -3,7 +3,7 @@ torchvision's ImageFolder + PIL pipeline, on the same images, batch size and wor
 in one run.
 
     python benchmarks/bench_loader.py --src DIR [--replicate N] [--size 224] [--workers 2] [--batches 40]
-                                      [--photometric] [--raw-pixels | --reencode] [--no-ffcv]
+                                      [--photometric] [--raw-pixels | --reencode] [--restart-markers] [--no-ffcv]
 
 Every contestant does the paper's crop (area 8-100%, aspect 3/4-4/3) and flip and ends with
 a normalised float batch on the device (``--device``):
@@ -12,7 +12,9 @@ a normalised float batch on the device (``--device``):
 - WebDataset: shards prepared from the same files (outside the timing); ``TrainStream``
   worker processes decode (only the crop's region, at reduced JPEG scale when possible) and
   crop into uint8; with ``--raw-pixels`` the shards hold raw pixels (for tiny images), with
-  ``--reencode`` JPEGs re-encoded at quality 90 like FFCV's (``data_prep shards --reencode``);
+  ``--reencode`` JPEGs re-encoded at quality 90 like FFCV's (``data_prep shards --reencode``),
+  with ``--restart-markers`` JPEGs with a restart marker after every MCU (lossless), of which
+  only the MCUs around the crop are decoded;
 - FFCV: ``data_prep ffcv`` files from the same files with FFCV's ImageNet settings (512 px,
   half JPEG quality 90, half raw pixels), read by FFCV's ``Loader`` (its worker threads) with
   ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip``, as the trainer does.
@@ -20,7 +22,9 @@ With ``--photometric``, brightness/contrast/saturation 0.5-1.5 are added where e
 them: ``ColorJitter`` per image for the reference; for WebDataset and FFCV where the trainer
 does (batched on the GPU; on a CPU-only machine per image in the WebDataset workers and
 batched in the main process for FFCV). Prints images/s for each, best of ``--repeats``
-passes, and the ratios to the reference and to FFCV.
+passes, and the ratios to the reference and to FFCV. ``--loaders-only`` leaves out the device
+step (conversion, normalisation, batched photometric), which on a CPU-only machine otherwise
+runs in the main process on the cores the loader workers need.
 
 FFCV is timed in a separate (spawned) process: its loader starts numba's thread pool, and
 forking the other contestants' DataLoader workers after that is unsafe ("Unable to join threads
@@ -74,10 +78,10 @@ def ffcv_loader(beton: Path, size: int, batch_size: int, workers: int):
 
 
 def ffcv_rates(beton: Path, size: int, batch_size: int, workers: int, batches: int, repeats: int,
-               batched_photometric: bool, device: str) -> float:
+               batched_photometric: bool, device: str, loaders_only: bool) -> float:
     """FFCV's best rate over ``repeats`` passes; run in a process of its own (see above)."""
     ffcv = ffcv_loader(beton, size, batch_size, workers)
-    finish = device_finish(torch.device(device), batched_photometric)
+    finish = (lambda x: x) if loaders_only else device_finish(torch.device(device), batched_photometric)
     return max(timed(ffcv, batches, finish) for _ in range(repeats))
 
 
@@ -121,7 +125,13 @@ def main() -> None:
     stored.add_argument("--raw-pixels", action="store_true", help="shards hold raw pixels (data_prep shards --raw-pixels)")
     stored.add_argument("--reencode", action="store_true",
                         help="shards hold JPEGs re-encoded at quality 90, as FFCV's (data_prep shards --reencode)")
+    parser.add_argument("--restart-markers", action="store_true",
+                        help="JPEGs with a restart marker after every MCU (data_prep shards --restart-markers)")
     parser.add_argument("--no-ffcv", action="store_true", help="leave FFCV out (when it is not installed)")
+    parser.add_argument("--loaders-only", action="store_true",
+                        help="time each loader's batches as delivered (uint8 for this project and FFCV, normalised "
+                        "float for the reference), without the device step: as on a GPU node, where that step is "
+                        "GPU work; on a CPU it otherwise shares the cores with the loader workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -131,7 +141,7 @@ def main() -> None:
         images = str(work / "images")  # validation = training images: only the training loader is timed
         sources = PrepParams(train=images, val=images, shard_size=256)
         shards = PrepParams(train=images, val=images, shard_size=256, raw_pixels=args.raw_pixels,
-                            reencode=args.reencode)
+                            reencode=args.reencode, restart_markers=args.restart_markers)
         prepare(shards, work / "shards", workers=args.workers)
         data = open_prepared(work / "shards")
         if not args.no_ffcv:
@@ -146,6 +156,8 @@ def main() -> None:
         spec = augment.PhotometricSpec()
 
         def reference_side(x: torch.Tensor) -> torch.Tensor:
+            if args.loaders_only:
+                return x
             x = x.to(device, non_blocking=True)
             if on_gpu:
                 torch.cuda.synchronize()
@@ -163,7 +175,7 @@ def main() -> None:
                 reference_side),
             "WebDataset shards (this project)": (
                 lambda: make_loader(stream, args.workers, pin_memory=on_gpu),
-                device_finish(device, args.photometric and on_gpu)),
+                (lambda x: x) if args.loaders_only else device_finish(device, args.photometric and on_gpu)),
         }
         results = dict.fromkeys(contestants, 0.0)
         for repeat in range(args.repeats):
@@ -172,15 +184,18 @@ def main() -> None:
                 results[name] = max(results[name], timed(make(), args.batches, side))
         if not args.no_ffcv:
             job = (work / "ffcv" / "train.beton", args.size, args.batch_size, args.workers, args.batches,
-                   args.repeats, args.photometric, args.device)
+                   args.repeats, args.photometric, args.device, args.loaders_only)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 results["FFCV (this project's FFCV path)"] = pool.apply(ffcv_rates, job)
         photometric = "off"
         if args.photometric:
             photometric = "batched on the GPU" if on_gpu else "per image in workers (FFCV: batched, main process)"
         stored = "raw pixels" if args.raw_pixels else "JPEG re-encoded at quality 90" if args.reencode else "JPEG"
+        if args.restart_markers and not args.raw_pixels:
+            stored += " with restart markers"
         print(f"{len(files)} images from {args.src} (x{args.replicate}), {args.size}px crops, batch {args.batch_size}, "
-              f"{args.workers} workers, photometric {photometric}, device {device.type}; shards hold {stored}, "
+              f"{args.workers} workers, photometric {photometric}, "
+              f"{'no device step' if args.loaders_only else f'device {device.type}'}; shards hold {stored}, "
               f"JPEG region decoder {'built' if jpeg_region.available() else 'not built (Pillow)'}")
         reference = results["torchvision ImageFolder + PIL"]
         ffcv_rate = results.get("FFCV (this project's FFCV path)")

@@ -1,6 +1,6 @@
 """Preparation throughput against a naive single-process PIL loop, measured in the same run.
 
-    python benchmarks/bench_prep.py --src DIR [--replicate N] [--workers 1 2 4] [--resize-shorter 256]
+    python benchmarks/bench_prep.py --src DIR [--replicate N] [--workers 1 2 4] [--resize-shorter 256] [--restart-markers]
 
 DIR holds class folders, or flat image files (then treated as one class). ``--replicate N``
 copies every file N times (hard links) to reach a realistic image count. The naive reference
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--resize-shorter", type=int)
     parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--restart-markers", action="store_true", help="data_prep shards --restart-markers")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_prep_"))
@@ -77,7 +78,8 @@ def main() -> None:
         print(f"{n} images from {args.src} (x{args.replicate}), resize_shorter={args.resize_shorter}, cpus={os.cpu_count()}")
         reference = naive(files, work / "naive.tar", args.resize_shorter)
         print(f"{'naive PIL loop, 1 process':32s} {n / reference:9.0f} img/s   1.00x")
-        params = PrepParams(train=str(work / "src"), shard_size=args.shard_size, resize_shorter=args.resize_shorter)
+        params = PrepParams(train=str(work / "src"), shard_size=args.shard_size, resize_shorter=args.resize_shorter,
+                            restart_markers=args.restart_markers)
         for workers in args.workers:
             out = work / f"shards_w{workers}"
             start = time.perf_counter()

@@ -49,6 +49,10 @@ def _add_shards(subparsers) -> None:
     p.add_argument("--reencode", action="store_true",
                    help="re-encode every JPEG at --quality, as FFCV's files do: about half the bytes and "
                    "decoding time of ILSVRC's originals, at the cost of a second lossy compression")
+    p.add_argument("--restart-markers", action="store_true",
+                   help="rewrite each JPEG losslessly (same pixels) with a restart marker after every 8x8 or "
+                   "16x16 block, so that the loader decodes only the blocks a crop covers: about 6%% more bytes, "
+                   "a third less decoding for ILSVRC's crops; drops EXIF and ICC data (needs the built C library)")
     p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
     p.add_argument("--num-tasks", type=_positive, default=1, help="split the work over N array tasks")
     p.add_argument("--task-id", type=int, default=0, help="this task's index, 0..N-1")
@@ -115,6 +119,7 @@ def _run_shards(args) -> int:
         augment_size=args.augment_size,
         raw_pixels=args.raw_pixels,
         reencode=args.reencode,
+        restart_markers=args.restart_markers,
     )
     run(params, Path(args.out), args.workers, args.num_tasks, args.task_id)
     return 0

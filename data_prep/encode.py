@@ -6,7 +6,9 @@ With ``raw_pixels`` the image is stored as its decoded RGB pixels instead (binar
 
 ILSVRC2012 holds grayscale and CMYK JPEGs and PNG files named ``.JPEG``: those are converted
 to RGB JPEG. Files that are already RGB JPEG within the size limit keep their original bytes
-(no generation loss, and the fastest path). Anything that does not decode completely
+(no generation loss, and the fastest path), or with ``restart_markers`` their DCT coefficients:
+rewritten losslessly with a restart marker after every MCU, so that the loader Huffman-decodes
+only the part of the image a crop covers (``jpeg_region``). Anything that does not decode completely
 (truncated, corrupt, empty, not an image, over :data:`MAX_INPUT_PIXELS`) raises
 :class:`BadImage` with a reason to record. Images over :data:`MAX_STORED_PIXELS` are
 downscaled, so that a shard never holds what the loader's Pillow refuses.
@@ -20,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image
+
+from . import jpeg_region
 
 # ImageNet's largest images are ~100 MP panoramas, over Pillow's default bomb guard: preparation
 # decodes inputs up to this size (under pillow_limit, never by changing the process's default).
@@ -39,6 +43,7 @@ class EncodeSpec:
     quality: int = 90  # JPEG quality of re-encoded images
     raw_pixels: bool = False  # store decoded RGB pixels (PPM) instead of a JPEG
     reencode: bool = False  # re-encode every JPEG at ``quality`` (FFCV's storage), not only changed ones
+    restart_markers: bool = False  # a restart marker after every MCU (lossless for kept JPEGs)
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+def encode_jpeg(image: Image.Image, quality: int, restart_markers: bool = False) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    extra = {"restart_marker_blocks": 1, "optimize": True} if restart_markers else {}
+    image.save(buffer, format="JPEG", quality=quality, **extra)
     return buffer.getvalue()
+
+
+def with_restarts(data: bytes) -> bytes:
+    """A kept JPEG with a restart marker after every MCU, the same pixels (``jpeg_region``); as
+    it is where libjpeg declines (CMYK, uncommon samplings) or warns (Pillow accepted it, and the
+    loader gives such files to Pillow)."""
+    try:
+        return jpeg_region.add_restarts(data) or data
+    except jpeg_region.RegionDecodeError:
+        return data
 
 
 def encode_ppm(image: Image.Image) -> bytes:
@@ -144,7 +160,7 @@ def encode_ppm(image: Image.Image) -> bytes:
 
 def store(image: Image.Image, spec: EncodeSpec) -> bytes:
     """An RGB image as stored in a shard."""
-    return encode_ppm(image) if spec.raw_pixels else encode_jpeg(image, spec.quality)
+    return encode_ppm(image) if spec.raw_pixels else encode_jpeg(image, spec.quality, spec.restart_markers)
 
 
 def encode(data: bytes, spec: EncodeSpec) -> Encoded:
@@ -165,7 +181,8 @@ def encode(data: bytes, spec: EncodeSpec) -> Encoded:
         reasons.append(f"re-encoded at quality {spec.quality}")
     if not reasons and not spec.raw_pixels:
         open_image(data, draft_size=(max(1, width // 8), max(1, height // 8)))  # integrity check only
-        return Encoded(data, width, height, width, height, None)
+        stored = with_restarts(data) if spec.restart_markers else data
+        return Encoded(stored, width, height, width, height, None)
     image = to_rgb(open_image(data, draft_size=new_size))
     if image.size != new_size:
         image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)

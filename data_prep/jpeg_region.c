@@ -3,14 +3,19 @@
  * A random-resized crop needs a rectangle of the image, often a small one. libjpeg-turbo can
  * skip the IDCT, upsampling and colour conversion of the MCU columns left and right of it
  * (jpeg_crop_scanline), of the rows above it (jpeg_skip_scanlines: entropy decoding only), and
- * of everything below it (the decode stops there). Built as a plain shared library and called
- * through ctypes by jpeg_region.py, which falls back to Pillow where it is not built.
+ * of everything below it (the decode stops there). Huffman decoding, most of a decode's time,
+ * cannot be skipped that way: each MCU's codes follow the previous one's. A JPEG with a restart
+ * marker after every MCU (jpeg_add_restarts, lossless) can skip it too: the MCUs around the
+ * region are cut out of the stream into a smaller JPEG of their own, which is decoded instead.
+ * Built as a plain shared library and called through ctypes by jpeg_region.py, which falls back
+ * to Pillow where it is not built.
  *
  * Anything libjpeg complains about, warnings included (a truncated or corrupt stream), is
  * returned as an error, and the caller lets Pillow decide about that image.
  */
 #include <setjmp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <jpeglib.h>
@@ -73,15 +78,191 @@ static int common_sampling(const struct jpeg_decompress_struct *cinfo) {
     return 1;
 }
 
+/* ------------------------------------------------------------------ restart-marker streams */
+
+/* Where a baseline JPEG's frame header and entropy-coded data are, and its MCU grid. */
+struct layout {
+    size_t frame;      /* offset of the SOF segment's length field */
+    size_t data;       /* offset of the first entropy-coded byte (after the SOS segment) */
+    int width, height;
+    int mcu_width, mcu_height, mcus_per_row, mcu_rows;
+};
+
+static int be16(const unsigned char *p) { return p[0] << 8 | p[1]; }
+
+/* Fills ``layout`` for a Huffman-coded sequential JPEG with one interleaved scan of all its
+ * components and a restart marker after every MCU (as jpeg_add_restarts writes); 0 otherwise. */
+static int restart_layout(const unsigned char *d, size_t n, struct layout *layout) {
+    size_t pos = 2, length;
+    int restart_interval = 0, components = 0, max_h = 1, max_v = 1, c, marker;
+    memset(layout, 0, sizeof *layout);
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) return 0;
+    while (pos + 4 <= n) {
+        if (d[pos] != 0xFF) return 0;
+        while (pos < n && d[pos] == 0xFF) pos++;  /* fill bytes */
+        if (pos + 3 > n) return 0;
+        marker = d[pos++];
+        length = (size_t)be16(d + pos);
+        if (length < 2 || pos + length > n) return 0;
+        if (marker == 0xC0 || marker == 0xC1) {  /* baseline or extended sequential, Huffman */
+            if (length < 8) return 0;
+            layout->frame = pos;
+            layout->height = be16(d + pos + 3);
+            layout->width = be16(d + pos + 5);
+            components = d[pos + 7];
+            if (components < 1 || length < 8 + 3 * (size_t)components) return 0;
+            for (c = 0; c < components; c++) {
+                int h = d[pos + 9 + 3 * c] >> 4, v = d[pos + 9 + 3 * c] & 15;
+                if (h > max_h) max_h = h;
+                if (v > max_v) max_v = v;
+            }
+        } else if (marker >= 0xC2 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC) {
+            return 0;  /* progressive, lossless or arithmetic-coded */
+        } else if (marker == 0xDD) {
+            if (length < 4) return 0;
+            restart_interval = be16(d + pos + 2);
+        } else if (marker == 0xDA) {
+            if (!layout->frame || restart_interval != 1 || d[pos + 2] != components || layout->width < 1 ||
+                layout->height < 1)
+                return 0;  /* one scan of all components, a restart after every MCU */
+            layout->data = pos + length;
+            /* A single-component scan has one block per MCU, whatever its sampling factors. */
+            layout->mcu_width = components == 1 ? 8 : 8 * max_h;
+            layout->mcu_height = components == 1 ? 8 : 8 * max_v;
+            layout->mcus_per_row = (layout->width + layout->mcu_width - 1) / layout->mcu_width;
+            layout->mcu_rows = (layout->height + layout->mcu_height - 1) / layout->mcu_height;
+            return 1;
+        } else if (marker == 0xD9) {
+            return 0;
+        }
+        pos += length;
+    }
+    return 0;
+}
+
+/* A JPEG of MCU columns c0..c1-1 and rows r0..r1-1 of ``d`` (see restart_layout): the tables,
+ * the frame header with the smaller size, and those MCUs' entropy-coded segments, renumbered;
+ * NULL if the stream has fewer segments than its size needs (a damaged file: the caller then
+ * decodes it the usual way, which reports the damage). Free with free(). */
+static unsigned char *sub_jpeg(const unsigned char *d, size_t n, const struct layout *layout, int c0, int c1,
+                               int r0, int r1, size_t *size) {
+    const long last = (long)(r1 - 1) * layout->mcus_per_row + c1 - 1;  /* the last MCU needed */
+    size_t *starts = malloc(sizeof *starts * (size_t)(last + 2)), pos = layout->data, total;
+    unsigned char *out, *w;
+    long mcu = 0;
+    int r, written = 0, width, height;
+    if (!starts) return NULL;
+    starts[0] = pos;
+    /* Segment k runs from starts[k] to the marker before starts[k + 1]. */
+    while (mcu <= last && pos + 1 < n) {
+        if (d[pos] != 0xFF) {
+            pos++;
+            continue;
+        }
+        if (d[pos + 1] == 0x00 || d[pos + 1] == 0xFF) {  /* a stuffed 0xFF, or fill */
+            pos += 1 + (d[pos + 1] == 0x00);
+            continue;
+        }
+        if (d[pos + 1] < 0xD0 || d[pos + 1] > 0xD7) {  /* EOI (or another marker): the data ends */
+            if (mcu == last) starts[++mcu] = pos + 2;
+            break;
+        }
+        starts[++mcu] = pos + 2;
+        pos += 2;
+    }
+    if (mcu <= last) {
+        free(starts);
+        return NULL;
+    }
+    total = layout->data + 2;
+    for (r = r0; r < r1; r++)
+        total += starts[(long)r * layout->mcus_per_row + c1] - starts[(long)r * layout->mcus_per_row + c0];
+    out = malloc(total);
+    if (!out) {
+        free(starts);
+        return NULL;
+    }
+    memcpy(out, d, layout->data);
+    width = (c1 == layout->mcus_per_row ? layout->width : c1 * layout->mcu_width) - c0 * layout->mcu_width;
+    height = (r1 == layout->mcu_rows ? layout->height : r1 * layout->mcu_height) - r0 * layout->mcu_height;
+    out[layout->frame + 3] = (unsigned char)(height >> 8), out[layout->frame + 4] = (unsigned char)height;
+    out[layout->frame + 5] = (unsigned char)(width >> 8), out[layout->frame + 6] = (unsigned char)width;
+    w = out + layout->data;
+    for (r = r0; r < r1; r++) {
+        long k;
+        for (k = (long)r * layout->mcus_per_row + c0; k < (long)r * layout->mcus_per_row + c1; k++) {
+            size_t length = starts[k + 1] - 2 - starts[k];  /* without the marker after it */
+            memcpy(w, d + starts[k], length);
+            w += length;
+            *w++ = 0xFF;
+            *w++ = (unsigned char)(0xD0 + written++ % 8);
+        }
+    }
+    w[-1] = 0xD9;  /* the last segment's marker becomes EOI */
+    *size = (size_t)(w - out);
+    free(starts);
+    return out;
+}
+
+/* Rewrite a JPEG losslessly (the same DCT coefficients, so the same pixels) with a restart
+ * marker after every MCU and optimised Huffman tables, baseline even if it was progressive;
+ * other markers (EXIF, ICC, comments) are dropped. ``*out`` is malloc'ed (free with
+ * jpeg_region_free). Returns 0, -1 with ``message`` set on any error or warning, -2 for CMYK/YCCK,
+ * -3 for an uncommon chroma sampling (both are left as they are: the loader gives them to Pillow). */
+int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned char **out, unsigned long *out_size,
+                      char *message) {
+    struct jpeg_decompress_struct source;
+    struct jpeg_compress_struct target;
+    struct error_manager err;  /* shared by both: libjpeg allows it, and one setjmp serves */
+    jvirt_barray_ptr *coefficients;
+    init_errors(&source, &err, message);
+    memset(&target, 0, sizeof target);
+    target.err = &err.pub;
+    *out = NULL;
+    *out_size = 0;
+    if (setjmp(err.escape)) {
+        jpeg_destroy_compress(&target);
+        jpeg_destroy_decompress(&source);
+        free(*out);
+        *out = NULL;
+        return -1;
+    }
+    jpeg_create_decompress(&source);
+    jpeg_mem_src(&source, data, size);
+    jpeg_read_header(&source, TRUE);
+    if (source.jpeg_color_space == JCS_CMYK || source.jpeg_color_space == JCS_YCCK) {
+        jpeg_destroy_decompress(&source);
+        return -2;
+    }
+    if (!common_sampling(&source)) {
+        jpeg_destroy_decompress(&source);
+        return -3;
+    }
+    coefficients = jpeg_read_coefficients(&source);
+    jpeg_create_compress(&target);
+    jpeg_mem_dest(&target, out, out_size);
+    jpeg_copy_critical_parameters(&source, &target);
+    target.restart_interval = 1;
+    target.optimize_coding = TRUE;
+    jpeg_write_coefficients(&target, coefficients);
+    jpeg_finish_compress(&target);
+    jpeg_destroy_compress(&target);
+    jpeg_finish_decompress(&source);
+    jpeg_destroy_decompress(&source);
+    return 0;
+}
+
+void jpeg_region_free(void *pointer) { free(pointer); }
+
 /* Decode rows top..top+rows-1 and at least columns left..left+columns-1 of the image scaled by
  * 1/scale (scale 1, 2, 4 or 8; coordinates in the scaled image) as RGB into ``out`` (``capacity``
  * bytes, room for rows x scaled width x 3). libjpeg widens the columns to whole MCUs: the decoded
  * columns are *out_left..*out_left+*out_columns-1, stored row after row without padding.
  * Returns 0 on success, -1 with ``message`` set on any error or warning, -2 if a colour
  * space cannot be converted to RGB (CMYK, YCCK), -3 for an uncommon chroma sampling. */
-int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale, int left, int top,
-                       int columns, int rows, unsigned char *out, unsigned long capacity, int *out_left,
-                       int *out_columns, char *message) {
+static int decode_rows(const unsigned char *data, unsigned long size, int scale, int left, int top, int columns,
+                       int rows, unsigned char *out, unsigned long capacity, int *out_left, int *out_columns,
+                       char *message) {
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JDIMENSION xoffset, width;
@@ -136,4 +317,39 @@ int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale,
     jpeg_abort_decompress(&cinfo);  /* the rows below the region are never decoded */
     jpeg_destroy_decompress(&cinfo);
     return 0;
+}
+
+int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale, int left, int top, int columns,
+                       int rows, unsigned char *out, unsigned long capacity, int *out_left, int *out_columns,
+                       char *message) {
+    struct layout layout;
+    if (scale >= 1 && left >= 0 && top >= 0 && columns >= 1 && rows >= 1 && restart_layout(data, size, &layout)) {
+        /* The MCUs around the region (coordinates in the image scaled by 1/scale; an MCU is a
+         * whole number of scaled pixels, scale dividing 8). */
+        int mw = layout.mcu_width / scale, mh = layout.mcu_height / scale;
+        int c0 = left / mw, r0 = top / mh, c1 = (left + columns + mw - 1) / mw, r1 = (top + rows + mh - 1) / mh;
+        size_t sub_size;
+        unsigned char *sub;
+        if (c1 > layout.mcus_per_row) c1 = layout.mcus_per_row;
+        if (r1 > layout.mcu_rows) r1 = layout.mcu_rows;
+        /* libjpeg upsamples chroma only 2 samples wide by repeating them, not by its usual
+         * interpolation: at least 3 MCUs wide, the cut is upsampled as the whole image is. */
+        while (c1 - c0 < 3 && (c1 < layout.mcus_per_row || c0 > 0)) {
+            if (c1 < layout.mcus_per_row)
+                c1++;
+            else
+                c0--;
+        }
+        sub = c0 < c1 && r0 < r1 ? sub_jpeg(data, size, &layout, c0, c1, r0, r1, &sub_size) : NULL;
+        if (sub) {
+            int status = decode_rows(sub, sub_size, scale, left - c0 * mw, top - r0 * mh, columns, rows, out,
+                                     capacity, out_left, out_columns, message);
+            free(sub);
+            if (status == 0) {
+                *out_left += c0 * mw;
+                return 0;
+            }  /* else: the whole stream decides (and names the damage) */
+        }
+    }
+    return decode_rows(data, size, scale, left, top, columns, rows, out, capacity, out_left, out_columns, message);
 }

@@ -37,13 +37,16 @@ def _load(path: Path):
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
+    if not all(hasattr(lib, name) for name in ("resample_rgb", "jpeg_add_restarts")):
+        return None  # built by an older version: rebuild
     size_p, int_p = ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
     lib.jpeg_region_info.argtypes = [ctypes.c_char_p, size_p, int_p, int_p, int_p, ctypes.c_char_p]
     lib.jpeg_region_decode.argtypes = [ctypes.c_char_p, size_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_int, ctypes.c_int, ctypes.c_void_p, size_p, int_p, int_p,
                                        ctypes.c_char_p]
-    if not hasattr(lib, "resample_rgb"):
-        return None  # built by an older version: rebuild
+    lib.jpeg_add_restarts.argtypes = [ctypes.c_char_p, size_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(size_p),
+                                      ctypes.c_char_p]
+    lib.jpeg_region_free.argtypes = [ctypes.c_void_p]
     lib.resample_rgb.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, *[ctypes.c_float] * 4,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
     return lib
@@ -103,6 +106,25 @@ def decode_region(data: bytes, width: int, scale: int, left: int, top: int, righ
     # The rows were written packed at the decoded width: view them as such.
     region = out.reshape(-1)[: rows * decoded.value * 3].reshape(rows, decoded.value, 3)
     return region, first.value
+
+
+def add_restarts(data: bytes) -> bytes | None:
+    """The JPEG rewritten losslessly (the same DCT coefficients, hence the same pixels) with a
+    restart marker after every MCU and optimised Huffman tables, so that ``decode_region`` needs
+    to Huffman-decode only the MCUs around a crop (see jpeg_region.c); other markers (EXIF, ICC,
+    comments) are dropped. None for CMYK and uncommon chroma samplings, which the loader leaves
+    to Pillow; RegionDecodeError where libjpeg refuses the data."""
+    out, size = ctypes.c_void_p(), ctypes.c_ulong()
+    message = ctypes.create_string_buffer(MESSAGE_BYTES)
+    status = _lib.jpeg_add_restarts(data, len(data), ctypes.byref(out), ctypes.byref(size), message)
+    if status in (-2, -3):
+        return None
+    if status:
+        raise RegionDecodeError(message.value.decode(errors="replace"))
+    try:
+        return ctypes.string_at(out, size.value)
+    finally:
+        _lib.jpeg_region_free(out)
 
 
 def resample(pixels: np.ndarray, box: tuple[float, float, float, float], size: int, interpolation: str,

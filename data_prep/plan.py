@@ -39,6 +39,7 @@ class PrepParams:
     augment_size: int = 224
     raw_pixels: bool = False  # store decoded RGB pixels (PPM) instead of JPEG: for tiny images
     reencode: bool = False  # re-encode every JPEG at ``quality``: smaller, faster to decode, lossy
+    restart_markers: bool = False  # a restart marker after every MCU: crops decode only their MCUs
 
     def __post_init__(self):
         checks = {
@@ -55,7 +56,7 @@ class PrepParams:
 
     def to_json(self) -> dict:
         params = asdict(self)
-        for option in ("raw_pixels", "reencode"):  # preparations made before these existed still resume
+        for option in ("raw_pixels", "reencode", "restart_markers"):  # preparations made before these existed still resume
             if not params[option]:
                 del params[option]
         return params

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import encode
+from . import encode, jpeg_region
 from .manifest import PARTS_DIR, PrepError, atomic_write_json, claim_output, finalize
 from .plan import Item, PrepParams, ShardPlan, make_plan
 from .tar_index import IndexBuilder, index_path
@@ -91,7 +91,8 @@ def _augmented_copy(data: bytes, item: Item, params: PrepParams) -> bytes:
 
 
 def encode_spec(params: PrepParams) -> encode.EncodeSpec:
-    return encode.EncodeSpec(params.resize_shorter, params.quality, params.raw_pixels, params.reencode)
+    return encode.EncodeSpec(params.resize_shorter, params.quality, params.raw_pixels, params.reencode,
+                             params.restart_markers)
 
 
 def _encode_item(data: bytes, item: Item, params: PrepParams) -> tuple[bytes, dict]:
@@ -170,6 +171,9 @@ def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, tas
     """Write this task's shards; with a single task, also finalize and return the manifest."""
     if not 0 <= task_id < num_tasks:
         raise PrepError(f"--task-id {task_id} is outside 0..{num_tasks - 1}")
+    if params.restart_markers and not jpeg_region.available():
+        raise PrepError("--restart-markers rewrites JPEGs with the C library, which is not built here: "
+                        "run 'python -m data_prep.jpeg_region build' (needs gcc and libjpeg62-turbo-dev)")
     plan = make_plan(params)  # every source problem surfaces here, before anything is written
     claim_output(out, plan.summary())
     mine = [s for i, s in enumerate(plan.shards) if i % num_tasks == task_id]

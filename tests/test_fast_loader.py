@@ -41,14 +41,20 @@ def pillow_crop(data: bytes, size: int, seed: int) -> np.ndarray:
         return np.asarray(augment.random_resized_crop(image, size, augment.CropSpec(), random.Random(seed)), np.int16)
 
 
+@pytest.mark.parametrize("restarts", [False, True], ids=["plain", "restart-markers"])
 @pytest.mark.parametrize("width, height, mode, subsampling, size", [
     (500, 375, "RGB", 2, 224),  # ILSVRC's typical photo, 4:2:0: mostly full-scale region decodes
     (1600, 1200, "RGB", 2, 96),  # large photo: region decodes at 1/2, 1/4 and 1/8 scale
     (333, 500, "L", 0, 64),  # grayscale
     (640, 480, "RGB", 0, 128),  # 4:4:4
+    (502, 371, "RGB", 1, 160),  # 4:2:2, partial MCUs at the right and bottom edges
 ])
-def test_region_decoding_matches_pillow(region_decoder, width, height, mode, subsampling, size):
+def test_region_decoding_matches_pillow(region_decoder, width, height, mode, subsampling, size, restarts):
+    """With restart markers the crop's MCUs are cut into a JPEG of their own and decoded: the
+    same comparison with Pillow's decode of the whole (marked) file must hold."""
     data = photo_like(width, height, seed=width, mode=mode, subsampling=subsampling)
+    if restarts:
+        data = jpeg_region.add_restarts(data)
     assert augment.EncodedImage.open(data) is not None  # the region decoder takes it
     means = []
     for seed in range(24):
@@ -74,6 +80,67 @@ def test_a_shifted_region_would_be_caught(region_decoder):
         diff = np.abs(np.asarray(augment._apply_crop(a, params, 224), np.int16)
                       - np.asarray(augment._apply_crop(b, shifted, 224), np.int16)).mean()
     assert diff > 1.5
+
+
+def restart_segments(data: bytes) -> list[int]:
+    """Offsets of the RST markers of a JPEG's entropy-coded data."""
+    start = data.index(b"\xff\xda") + 2
+    start += int.from_bytes(data[start:start + 2], "big")
+    return [i for i in range(start, len(data) - 1) if data[i] == 0xFF and 0xD0 <= data[i + 1] <= 0xD7]
+
+
+@pytest.mark.parametrize("subsampling, progressive", [(2, False), (0, False), (1, True)])
+def test_restart_markers_keep_every_pixel(region_decoder, subsampling, progressive):
+    """``add_restarts`` rewrites the coefficients, not the pixels: a restart after every MCU,
+    baseline (also from a progressive file), and Pillow decodes it to the same image; regions
+    decoded through the cut-out path equal the plain file's, except the one pixel at the edge of
+    the cut, where libjpeg upsamples the chroma as at an image edge (the crop margin covers it)."""
+    source = io.BytesIO()
+    Image.open(io.BytesIO(photo_like(500, 375, seed=7, subsampling=subsampling))).save(
+        source, format="JPEG", quality=92, subsampling=subsampling, progressive=progressive)
+    data = source.getvalue()
+    marked = jpeg_region.add_restarts(data)
+    mcu_width, mcu_height = {0: (8, 8), 1: (16, 8), 2: (16, 16)}[subsampling]  # 4:4:4, 4:2:2, 4:2:0
+    assert marked[:2] == b"\xff\xd8" and b"\xff\xdd\x00\x04\x00\x01" in marked  # DRI = 1 MCU
+    assert len(restart_segments(marked)) == -(-500 // mcu_width) * -(-375 // mcu_height) - 1
+    with Image.open(io.BytesIO(marked)) as a, Image.open(io.BytesIO(data)) as b:
+        assert not a.info.get("progressive")
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rng = random.Random(subsampling)
+    for scale in (1, 2, 4, 8):
+        width, height = jpeg_region.scaled_size(500, 375, scale)
+        for _ in range(15):
+            left, top = rng.randrange(width - 2), rng.randrange(height - 2)
+            right, bottom = rng.randint(left + 3, width), rng.randint(top + 3, height)
+            plain, plain_left = jpeg_region.decode_region(data, 500, scale, left, top, right, bottom)
+            cut, cut_left = jpeg_region.decode_region(marked, 500, scale, left, top, right, bottom)
+            a = plain[1:-1, left - plain_left + 1:right - plain_left - 1]
+            b = cut[1:-1, left - cut_left + 1:right - cut_left - 1]
+            np.testing.assert_array_equal(a, b, err_msg=f"scale {scale} region {left, top, right, bottom}")
+
+
+def test_a_restart_marked_crop_reads_only_its_mcus(region_decoder):
+    """Garbage in the first MCU row's codes (markers kept) does not touch a crop below it: the
+    cut-out path never reads them, where the plain path would have to Huffman-decode them."""
+    marked = bytearray(jpeg_region.add_restarts(photo_like(500, 375, seed=8)))
+    intact = bytes(marked)
+    markers = restart_segments(intact)
+    for i in range(markers[0] + 2, markers[30]):  # MCUs 1..30 of row 0 (32 per row)
+        if marked[i] != 0xFF and marked[i - 1] != 0xFF:
+            marked[i] = 0x55
+    region = jpeg_region.decode_region(bytes(marked), 500, 1, 100, 200, 300, 300)
+    np.testing.assert_array_equal(region[0], jpeg_region.decode_region(intact, 500, 1, 100, 200, 300, 300)[0])
+    with pytest.raises(jpeg_region.RegionDecodeError):  # the damage is real where it is read
+        jpeg_region.decode_region(bytes(marked), 500, 1, 0, 0, 300, 40)
+
+
+def test_a_restart_marked_file_cut_short_is_judged_by_the_whole_stream(region_decoder):
+    marked = jpeg_region.add_restarts(photo_like(500, 375, seed=9))
+    cut = marked[:restart_segments(marked)[200]]  # the segments of rows 7.. are gone
+    with pytest.raises(jpeg_region.RegionDecodeError):  # too few segments: the plain path warns
+        jpeg_region.decode_region(cut, 500, 1, 100, 250, 300, 370)
+    # Above the cut the crop still decodes, as it would from the plain file.
+    assert jpeg_region.decode_region(cut, 500, 1, 100, 20, 300, 90)[0].shape[0] == 70
 
 
 def test_region_decoder_leaves_what_it_cannot_do_to_pillow(region_decoder):
@@ -165,6 +232,49 @@ def test_reencoded_shards_hold_quality_90_jpegs_and_say_so(tmp_path):
     with tarfile.open(tmp_path / "reencoded" / "train-000000.tar") as tar:
         records = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
     assert records and all(r["converted"] == "re-encoded at quality 90" for r in records)
+
+
+def test_shards_with_restart_markers_hold_the_same_pixels(region_decoder, tmp_path):
+    """``data_prep shards --restart-markers``: kept JPEGs rewritten losslessly, converted ones
+    (here a grayscale JPEG) written with the markers too; the loader's crops are the same."""
+    from data_prep.cli import main
+
+    generate(tmp_path / "images", SyntheticSpec(num_classes=2, train_per_class=3, val_per_class=1, min_side=64,
+                                                max_side=96, seed=6))
+    images = tmp_path / "images"
+    grey = sorted((images / "train").rglob("*.JPEG"))[0]
+    Image.open(grey).convert("L").save(grey, format="JPEG", quality=90)
+    sources = ["--train", str(images / "train"), "--val", str(images / "val"),
+               "--val-labels", str(images / "val_labels.txt"), "--workers", "1"]
+    assert main(["shards", *sources, "--out", str(tmp_path / "kept")]) == 0
+    assert main(["shards", *sources, "--out", str(tmp_path / "marked"), "--restart-markers"]) == 0
+    assert json.loads((tmp_path / "marked" / "manifest.json").read_text())["parameters"]["restart_markers"] is True
+    assert "restart_markers" not in json.loads((tmp_path / "kept" / "manifest.json").read_text())["parameters"]
+    kept = {s.key: s.data for s in shard_range(open_prepared(tmp_path / "kept").train[0], 0, 6, 2)}
+    marked = list(shard_range(open_prepared(tmp_path / "marked").train[0], 0, 6, 2))
+    assert len(marked) == len(kept) == 6
+    for sample in marked:
+        assert b"\xff\xdd\x00\x04\x00\x01" in sample.data  # a restart interval of one MCU
+        with Image.open(io.BytesIO(sample.data)) as a, Image.open(io.BytesIO(kept[sample.key])) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for seed in range(3):
+            np.testing.assert_array_equal(
+                augment.random_crop_array(sample.data, 48, augment.CropSpec(), random.Random(seed)),
+                augment.random_crop_array(kept[sample.key], 48, augment.CropSpec(), random.Random(seed)))
+
+
+def test_restart_markers_need_the_library(region_decoder, tmp_path):
+    from data_prep.manifest import PrepError
+
+    generate(tmp_path / "images", SyntheticSpec(num_classes=2, train_per_class=2, val_per_class=1, seed=6))
+    saved = jpeg_region._lib
+    jpeg_region.use_library(None)
+    try:
+        with pytest.raises(PrepError, match="jpeg_region build"):
+            run(PrepParams(train=str(tmp_path / "images" / "train"), restart_markers=True), tmp_path / "out")
+    finally:
+        jpeg_region._lib = saved
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 # ------------------------------------------------------------------------------------------ shard index
