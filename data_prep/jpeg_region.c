@@ -155,8 +155,10 @@ static unsigned char *sub_jpeg(const unsigned char *d, size_t n, const struct la
     starts[0] = pos;
     /* Segment k runs from starts[k] to the marker before starts[k + 1]. */
     while (mcu <= last && pos + 1 < n) {
-        if (d[pos] != 0xFF) {
-            pos++;
+        if (d[pos] != 0xFF) {  /* jump to the next 0xFF: memchr is vectorised */
+            const unsigned char *next = memchr(d + pos, 0xFF, n - 1 - pos);
+            if (!next) break;
+            pos = (size_t)(next - d);
             continue;
         }
         if (d[pos + 1] == 0x00 || d[pos + 1] == 0xFF) {  /* a stuffed 0xFF, or fill */
