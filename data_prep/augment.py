@@ -40,6 +40,7 @@ _PIL_RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bicubic": Image.Resampling.BICUBIC,
 }
+_C_FILTERS = {resample: name for name, resample in _PIL_RESAMPLE.items() if name in jpeg_region.FILTERS}
 _DRAFT_SCALES = (8, 4, 2)  # reductions libjpeg can do for free inside the IDCT
 # torchvision's grayscale weights (ITU-R 601-2 luma; 0.2989 exactly as torchvision uses).
 _GRAY = (0.2989, 0.587, 0.114)
@@ -141,9 +142,15 @@ def draft_box(image: Image.Image, box: tuple[float, float, float, float], size: 
 
 
 def resize_box(image: Image.Image, box, size: int, resample) -> Image.Image:
-    """Crop ``box`` and resize it to size x size in one pass, ending in RGB."""
+    """Crop ``box`` and resize it to size x size in one pass, ending in RGB; with the C library's
+    resampling where it is built (as the region decoder's path), so that every path computes the
+    same pixels from the same decoded image."""
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # CMYK, palette, alpha, 16-bit: resample in RGB
+    interpolation = _C_FILTERS.get(resample)
+    if interpolation is not None and jpeg_region.available():
+        pixels = np.asarray(image.convert("RGB") if image.mode == "L" else image)
+        return Image.fromarray(jpeg_region.resample(pixels, box, size, interpolation))
     out = image.resize((size, size), resample, box=box)
     return out if out.mode == "RGB" else out.convert("RGB")  # L: resize first, it is 3x cheaper
 

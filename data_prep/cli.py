@@ -51,8 +51,8 @@ def _add_shards(subparsers) -> None:
                    "decoding time of ILSVRC's originals, at the cost of a second lossy compression")
     p.add_argument("--restart-markers", action="store_true",
                    help="rewrite each JPEG losslessly (same pixels) with a restart marker after every 8x8 or "
-                   "16x16 block, so that the loader decodes only the blocks a crop covers: about 6%% more bytes, "
-                   "a third less decoding for ILSVRC's crops; drops EXIF and ICC data (needs the built C library)")
+                   "16x16 block, so that the loader decodes only the blocks a crop covers: about 6%% more bytes and "
+                   "a quarter less time per ILSVRC crop; drops EXIF and ICC data (needs the built C library)")
     p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
     p.add_argument("--num-tasks", type=_positive, default=1, help="split the work over N array tasks")
     p.add_argument("--task-id", type=int, default=0, help="this task's index, 0..N-1")

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#include <jerror.h>
 
 struct error_manager {
     struct jpeg_error_mgr pub;
@@ -122,9 +123,11 @@ static int restart_layout(const unsigned char *d, size_t n, struct layout *layou
             if (length < 4) return 0;
             restart_interval = be16(d + pos + 2);
         } else if (marker == 0xDA) {
-            if (!layout->frame || restart_interval != 1 || d[pos + 2] != components || layout->width < 1 ||
-                layout->height < 1)
-                return 0;  /* one scan of all components, a restart after every MCU */
+            size_t end = pos + length;  /* Ns, its component table, then Ss, Se, Ah/Al */
+            if (!layout->frame || restart_interval != 1 || length < 6 + 2 * (size_t)components ||
+                d[pos + 2] != components || layout->width < 1 || layout->height < 1 || d[end - 3] != 0 ||
+                d[end - 2] != 63 || d[end - 1] != 0)
+                return 0;  /* one full sequential scan of all components, a restart after every MCU */
             layout->data = pos + length;
             /* A single-component scan has one block per MCU, whatever its sampling factors. */
             layout->mcu_width = components == 1 ? 8 : 8 * max_h;
@@ -206,6 +209,29 @@ static unsigned char *sub_jpeg(const unsigned char *d, size_t n, const struct la
     return out;
 }
 
+/* A memory destination that owns its buffer (realloc'ed as it fills), so that an error at any
+ * point leaves one buffer to free; libjpeg's jpeg_mem_dest reports its buffer only at the end. */
+struct growing_destination {
+    struct jpeg_destination_mgr pub;
+    unsigned char *buffer;
+    size_t capacity;
+};
+
+static void destination_start(j_compress_ptr cinfo) { (void)cinfo; }
+
+static boolean destination_grow(j_compress_ptr cinfo) {
+    struct growing_destination *dest = (struct growing_destination *)cinfo->dest;
+    unsigned char *bigger = realloc(dest->buffer, dest->capacity * 2);
+    if (!bigger) ERREXIT1(cinfo, JERR_OUT_OF_MEMORY, 0);
+    dest->buffer = bigger;
+    dest->pub.next_output_byte = bigger + dest->capacity;  /* the whole buffer was full */
+    dest->pub.free_in_buffer = dest->capacity;
+    dest->capacity *= 2;
+    return TRUE;
+}
+
+static void destination_end(j_compress_ptr cinfo) { (void)cinfo; }
+
 /* Rewrite a JPEG losslessly (the same DCT coefficients, so the same pixels) with a restart
  * marker after every MCU and optimised Huffman tables, baseline even if it was progressive;
  * other markers (EXIF, ICC, comments) are dropped. ``*out`` is malloc'ed (free with
@@ -216,17 +242,18 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned ch
     struct jpeg_decompress_struct source;
     struct jpeg_compress_struct target;
     struct error_manager err;  /* shared by both: libjpeg allows it, and one setjmp serves */
+    struct growing_destination dest;
     jvirt_barray_ptr *coefficients;
     init_errors(&source, &err, message);
     memset(&target, 0, sizeof target);
+    memset(&dest, 0, sizeof dest);
     target.err = &err.pub;
     *out = NULL;
     *out_size = 0;
     if (setjmp(err.escape)) {
         jpeg_destroy_compress(&target);
         jpeg_destroy_decompress(&source);
-        free(*out);
-        *out = NULL;
+        free(dest.buffer);
         return -1;
     }
     jpeg_create_decompress(&source);
@@ -242,7 +269,15 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned ch
     }
     coefficients = jpeg_read_coefficients(&source);
     jpeg_create_compress(&target);
-    jpeg_mem_dest(&target, out, out_size);
+    dest.capacity = size + size / 8 + 4096;  /* usually enough: markers add about 6% */
+    dest.buffer = malloc(dest.capacity);
+    if (!dest.buffer) ERREXIT1(&target, JERR_OUT_OF_MEMORY, 1);
+    dest.pub.next_output_byte = dest.buffer;
+    dest.pub.free_in_buffer = dest.capacity;
+    dest.pub.init_destination = destination_start;
+    dest.pub.empty_output_buffer = destination_grow;
+    dest.pub.term_destination = destination_end;
+    target.dest = &dest.pub;
     jpeg_copy_critical_parameters(&source, &target);
     target.restart_interval = 1;
     target.optimize_coding = TRUE;
@@ -251,6 +286,8 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned ch
     jpeg_destroy_compress(&target);
     jpeg_finish_decompress(&source);
     jpeg_destroy_decompress(&source);
+    *out = dest.buffer;
+    *out_size = dest.capacity - dest.pub.free_in_buffer;
     return 0;
 }
 
@@ -325,7 +362,8 @@ int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale,
                        int rows, unsigned char *out, unsigned long capacity, int *out_left, int *out_columns,
                        char *message) {
     struct layout layout;
-    if (scale >= 1 && left >= 0 && top >= 0 && columns >= 1 && rows >= 1 && restart_layout(data, size, &layout)) {
+    if ((scale == 1 || scale == 2 || scale == 4 || scale == 8) && left >= 0 && top >= 0 && columns >= 1 &&
+        rows >= 1 && restart_layout(data, size, &layout)) {
         /* The MCUs around the region (coordinates in the image scaled by 1/scale; an MCU is a
          * whole number of scaled pixels, scale dividing 8). */
         int mw = layout.mcu_width / scale, mh = layout.mcu_height / scale;

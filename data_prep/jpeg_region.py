@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ def _load(path: Path):
     except OSError:
         return None
     if not all(hasattr(lib, name) for name in ("resample_rgb", "jpeg_add_restarts")):
-        return None  # built by an older version: rebuild
+        warnings.warn(f"{path} was built by an older version of this project and is not used (Pillow decodes "
+                      "instead): rebuild it with 'python -m data_prep.jpeg_region build'", stacklevel=2)
+        return None
     size_p, int_p = ctypes.c_ulong, ctypes.POINTER(ctypes.c_int)
     lib.jpeg_region_info.argtypes = [ctypes.c_char_p, size_p, int_p, int_p, int_p, ctypes.c_char_p]
     lib.jpeg_region_decode.argtypes = [ctypes.c_char_p, size_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,

@@ -54,7 +54,8 @@ def claim_output(out: Path, summary: dict) -> None:
     if plan_path.is_file():
         previous = json.loads(plan_path.read_text())
         if previous != summary:
-            changed = [k for k in summary["parameters"] if previous["parameters"].get(k) != summary["parameters"][k]]
+            before, now = previous["parameters"], summary["parameters"]
+            changed = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
             what = f"parameters differ: {', '.join(changed)}" if changed else "sources or shard layout have changed"
             raise PrepError(f"{out}: holds a preparation with a different plan ({what}); use another --out")
     elif out.exists() and any(not p.name.startswith((PARTS_DIR, PLAN_FILE)) for p in out.iterdir()):

@@ -49,6 +49,9 @@ class PrepParams:
             "quality": 1 <= self.quality <= 100,
             "augment_copies": self.augment_copies >= 0,
             "augment_size": self.augment_size >= 8,
+            # raw pixels hold no JPEG to re-encode or to mark
+            "reencode": not (self.reencode and self.raw_pixels),
+            "restart_markers": not (self.restart_markers and self.raw_pixels),
         }
         for name, ok in checks.items():
             if not ok:

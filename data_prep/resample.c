@@ -202,9 +202,9 @@ static void reverse_columns(int out_width, int ksize, int *bounds, int32_t *weig
  * reverse order, which costs nothing). Returns 0, -1 when memory runs out, -2 for a filter or
  * box out of range.
  *
- * The horizontal pass goes first, as in Pillow (Pillow 13 goes vertical first where the height
- * shrinks much more than the width, never the case for a crop of aspect 3/4..4/3 to a square;
- * the order only changes where the intermediate result is rounded). */
+ * The horizontal pass goes first, as Pillow has done for years. Pillow 13 goes vertical first for
+ * some inputs (portrait images such as 333x500 among them), which rounds the intermediate result
+ * differently: by a level or two, more where a bicubic overshoot is clipped. */
 int resample_rgb(const uint8_t *in, int width, int height, long stride, float x0, float y0, float x1, float y1,
                  int out_width, int out_height, int filter, int mirror, uint8_t *out, long out_stride) {
     int need_horizontal, need_vertical, first_row, last_row, i, status = -1;
@@ -213,8 +213,9 @@ int resample_rgb(const uint8_t *in, int width, int height, long stride, float x0
     int ksize_h, ksize_v;
     uint8_t *temp = NULL;
 
-    if (filter < 0 || filter > 2 || width < 1 || height < 1 || out_width < 1 || out_height < 1 || x0 < 0 ||
-        y0 < 0 || x1 > width || y1 > height || x1 - x0 < 0 || y1 - y0 < 0)
+    /* Written so that NaN fails every check. */
+    if (filter < 0 || filter > 2 || width < 1 || height < 1 || out_width < 1 || out_height < 1 || !(x0 >= 0) ||
+        !(y0 >= 0) || !(x1 <= width) || !(y1 <= height) || !(x1 - x0 >= 0) || !(y1 - y0 >= 0))
         return -2;
     if (!mirror && out_width == width && out_height == height && x0 == 0 && y0 == 0 && x1 == width &&
         y1 == height) {

@@ -172,8 +172,9 @@ def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, tas
     if not 0 <= task_id < num_tasks:
         raise PrepError(f"--task-id {task_id} is outside 0..{num_tasks - 1}")
     if params.restart_markers and not jpeg_region.available():
-        raise PrepError("--restart-markers rewrites JPEGs with the C library, which is not built here: "
-                        "run 'python -m data_prep.jpeg_region build' (needs gcc and libjpeg62-turbo-dev)")
+        raise PrepError("--restart-markers rewrites JPEGs with the C library, which is not built here (or was "
+                        "built by an older version): run 'python -m data_prep.jpeg_region build' (needs gcc and "
+                        "libjpeg62-turbo-dev)")
     plan = make_plan(params)  # every source problem surfaces here, before anything is written
     claim_output(out, plan.summary())
     mine = [s for i, s in enumerate(plan.shards) if i % num_tasks == task_id]

@@ -56,7 +56,7 @@ def subprocess_env() -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def region_decoder(tmp_path_factory):
     """The region decoder, built into a temporary directory when it is not built in the tree;
     skipped where there is no C compiler or libjpeg-turbo headers."""

@@ -119,19 +119,28 @@ def test_restart_markers_keep_every_pixel(region_decoder, subsampling, progressi
             np.testing.assert_array_equal(a, b, err_msg=f"scale {scale} region {left, top, right, bottom}")
 
 
-def test_a_restart_marked_crop_reads_only_its_mcus(region_decoder):
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("mode, subsampling", [("RGB", 2), ("RGB", 0), ("RGB", 1), ("L", 0)],
+                         ids=["4:2:0", "4:4:4", "4:2:2", "grey"])
+def test_a_restart_marked_crop_reads_only_its_mcus(region_decoder, mode, subsampling, scale):
     """Garbage in the first MCU row's codes (markers kept) does not touch a crop below it: the
     cut-out path never reads them, where the plain path would have to Huffman-decode them."""
-    marked = bytearray(jpeg_region.add_restarts(photo_like(500, 375, seed=8)))
+    marked = bytearray(jpeg_region.add_restarts(photo_like(500, 375, seed=8, mode=mode, subsampling=subsampling)))
     intact = bytes(marked)
     markers = restart_segments(intact)
-    for i in range(markers[0] + 2, markers[30]):  # MCUs 1..30 of row 0 (32 per row)
+    for i in range(markers[0] + 2, markers[30]):  # MCUs 1..30 of row 0 (32 or more per row)
         if marked[i] != 0xFF and marked[i - 1] != 0xFF:
             marked[i] = 0x55
-    region = jpeg_region.decode_region(bytes(marked), 500, 1, 100, 200, 300, 300)
-    np.testing.assert_array_equal(region[0], jpeg_region.decode_region(intact, 500, 1, 100, 200, 300, 300)[0])
-    with pytest.raises(jpeg_region.RegionDecodeError):  # the damage is real where it is read
-        jpeg_region.decode_region(bytes(marked), 500, 1, 0, 0, 300, 40)
+    box = (100 // scale, 200 // scale, 300 // scale, 300 // scale)
+    region = jpeg_region.decode_region(bytes(marked), 500, scale, *box)
+    np.testing.assert_array_equal(region[0], jpeg_region.decode_region(intact, 500, scale, *box)[0])
+    # The damage is real where it is read: an error, or other pixels.
+    top = (0, 0, 300 // scale, 40 // scale)
+    try:
+        damaged = jpeg_region.decode_region(bytes(marked), 500, scale, *top)[0]
+    except jpeg_region.RegionDecodeError:
+        return
+    assert not np.array_equal(damaged, jpeg_region.decode_region(intact, 500, scale, *top)[0])
 
 
 def test_a_restart_marked_file_cut_short_is_judged_by_the_whole_stream(region_decoder):
@@ -261,6 +270,19 @@ def test_shards_with_restart_markers_hold_the_same_pixels(region_decoder, tmp_pa
             np.testing.assert_array_equal(
                 augment.random_crop_array(sample.data, 48, augment.CropSpec(), random.Random(seed)),
                 augment.random_crop_array(kept[sample.key], 48, augment.CropSpec(), random.Random(seed)))
+
+
+def test_raw_pixels_take_no_jpeg_options_and_a_changed_option_is_named(tmp_path):
+    from data_prep.manifest import PrepError
+
+    for option in ("reencode", "restart_markers"):
+        with pytest.raises(ValueError, match=option):
+            PrepParams(train="t", raw_pixels=True, **{option: True})
+    generate(tmp_path / "images", SyntheticSpec(num_classes=2, train_per_class=2, val_per_class=1, seed=6))
+    train = str(tmp_path / "images" / "train")
+    run(PrepParams(train=train, reencode=True), tmp_path / "out")
+    with pytest.raises(PrepError, match="parameters differ: reencode"):  # resumed without the option
+        run(PrepParams(train=train), tmp_path / "out")
 
 
 def test_restart_markers_need_the_library(region_decoder, tmp_path):

@@ -130,6 +130,8 @@ def test_resample_refuses_what_it_cannot_read(region_decoder):
         jpeg_region.resample(pixels[:, ::2], (0, 0, 6, 10), 8, "bilinear")
     with pytest.raises(ValueError, match="packed RGB uint8"):
         jpeg_region.resample(pixels.astype(np.float32), (0, 0, 12, 10), 8, "bilinear")
+    with pytest.raises(ValueError, match="not inside"):
+        jpeg_region.resample(pixels, (0, float("nan"), 12, 10), 8, "bicubic")
 
 
 def test_the_resampling_benchmark_prints_a_ratio_per_filter(region_decoder, capsys):
