@@ -79,6 +79,13 @@ static int common_sampling(const struct jpeg_decompress_struct *cinfo) {
     return 1;
 }
 
+/* -2 for CMYK/YCCK (libjpeg has no RGB conversion for them), -3 for an uncommon chroma sampling,
+ * else 0: the images left to Pillow. */
+static int unsupported(const struct jpeg_decompress_struct *cinfo) {
+    if (cinfo->jpeg_color_space == JCS_CMYK || cinfo->jpeg_color_space == JCS_YCCK) return -2;
+    return common_sampling(cinfo) ? 0 : -3;
+}
+
 /* ------------------------------------------------------------------ restart-marker streams */
 
 /* Where a baseline JPEG's frame header and entropy-coded data are, and its MCU grid. */
@@ -244,6 +251,7 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned ch
     struct error_manager err;  /* shared by both: libjpeg allows it, and one setjmp serves */
     struct growing_destination dest;
     jvirt_barray_ptr *coefficients;
+    int status;
     init_errors(&source, &err, message);
     memset(&target, 0, sizeof target);
     memset(&dest, 0, sizeof dest);
@@ -259,13 +267,10 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned ch
     jpeg_create_decompress(&source);
     jpeg_mem_src(&source, data, size);
     jpeg_read_header(&source, TRUE);
-    if (source.jpeg_color_space == JCS_CMYK || source.jpeg_color_space == JCS_YCCK) {
+    status = unsupported(&source);
+    if (status) {
         jpeg_destroy_decompress(&source);
-        return -2;
-    }
-    if (!common_sampling(&source)) {
-        jpeg_destroy_decompress(&source);
-        return -3;
+        return status;
     }
     coefficients = jpeg_read_coefficients(&source);
     jpeg_create_compress(&target);
@@ -305,7 +310,7 @@ static int decode_rows(const unsigned char *data, unsigned long size, int scale,
     struct jpeg_decompress_struct cinfo;
     struct error_manager err;
     JDIMENSION xoffset, width;
-    int row;
+    int row, status;
     init_errors(&cinfo, &err, message);
     if (setjmp(err.escape)) {  /* setjmp must run in the function that calls libjpeg */
         jpeg_destroy_decompress(&cinfo);
@@ -314,13 +319,10 @@ static int decode_rows(const unsigned char *data, unsigned long size, int scale,
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, size);
     jpeg_read_header(&cinfo, TRUE);
-    if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
+    status = unsupported(&cinfo);
+    if (status) {
         jpeg_destroy_decompress(&cinfo);
-        return -2;
-    }
-    if (!common_sampling(&cinfo)) {
-        jpeg_destroy_decompress(&cinfo);
-        return -3;
+        return status;
     }
     cinfo.out_color_space = JCS_RGB;
     cinfo.scale_num = 1;
@@ -358,6 +360,8 @@ static int decode_rows(const unsigned char *data, unsigned long size, int scale,
     return 0;
 }
 
+/* decode_rows, from a cut-out of just the MCUs around the region where the file has a restart
+ * marker after every MCU (restart_layout), else from the whole stream. */
 int jpeg_region_decode(const unsigned char *data, unsigned long size, int scale, int left, int top, int columns,
                        int rows, unsigned char *out, unsigned long capacity, int *out_left, int *out_columns,
                        char *message) {

@@ -136,9 +136,9 @@ def resample(pixels: np.ndarray, box: tuple[float, float, float, float], size: i
     [size, size, 3] with ``interpolation`` ("area", "bilinear" or "bicubic") and, with ``mirror``,
     flipped left to right, as Pillow's ``Image.fromarray(pixels).resize((size, size), filter,
     box=box)`` (then ``transpose(FLIP_LEFT_RIGHT)``) computes it: the same
-    weights and 22-bit fixed-point sums, horizontal pass first (Pillow 13 sometimes goes vertical
-    first, which rounds the intermediate differently: at most one level, except where bicubic
-    overshoots are clipped)."""
+    weights and 22-bit fixed-point sums, horizontal pass first (Pillow 13 goes vertical first for
+    some inputs, portrait images among them, which rounds the intermediate differently: a level
+    or two, more where a bicubic overshoot is clipped)."""
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8 or pixels.strides[1:] != (3, 1):
         raise ValueError(f"resample needs packed RGB uint8 rows, not {pixels.dtype} {pixels.shape} "
                          f"with strides {pixels.strides}")
