@@ -49,13 +49,13 @@ class PrepParams:
             "quality": 1 <= self.quality <= 100,
             "augment_copies": self.augment_copies >= 0,
             "augment_size": self.augment_size >= 8,
-            # raw pixels hold no JPEG to re-encode or to mark
-            "reencode": not (self.reencode and self.raw_pixels),
-            "restart_markers": not (self.restart_markers and self.raw_pixels),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+        for option in ("reencode", "restart_markers"):
+            if getattr(self, option) and self.raw_pixels:
+                raise ValueError(f"invalid {option}: raw-pixel shards (raw_pixels) hold no JPEG to apply it to")
 
     def to_json(self) -> dict:
         params = asdict(self)
