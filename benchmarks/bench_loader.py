@@ -46,11 +46,14 @@ from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_prep import stage  # noqa: E402
-from data_prep import augment, jpeg_region  # noqa: E402
 from data_prep.plan import PrepParams  # noqa: E402
 from data_prep.writer import run as prepare  # noqa: E402
-from pipeline.data import TrainStream, make_loader, open_prepared  # noqa: E402
-from pipeline.device_augment import DeviceInput  # noqa: E402
+from imaging import jpeg_region  # noqa: E402
+from imaging.specs import IMAGENET_MEAN, IMAGENET_STD, CropSpec, PhotometricSpec  # noqa: E402
+from pipeline.data.batches import make_loader  # noqa: E402
+from pipeline.data.device_augment import DeviceInput  # noqa: E402
+from pipeline.data.prepared import open_prepared  # noqa: E402
+from pipeline.data.webdataset_input import TrainStream  # noqa: E402
 
 
 def reference_loader(folder: Path, size: int, batch_size: int, workers: int, photometric: bool) -> DataLoader:
@@ -59,7 +62,7 @@ def reference_loader(folder: Path, size: int, batch_size: int, workers: int, pho
         transforms.RandomHorizontalFlip(),
         *([transforms.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5)] if photometric else []),
         transforms.ToTensor(),
-        transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
     dataset = datasets.ImageFolder(str(folder), transform=transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
@@ -88,7 +91,7 @@ def ffcv_rates(beton: Path, size: int, batch_size: int, workers: int, batches: i
 def device_finish(device: torch.device, batched_photometric: bool):
     """What the trainer does with a uint8 batch (``DeviceInput``): to the device, photometric (if
     batched there), normalise, in the channels_last float32 batch the model takes."""
-    to_network = DeviceInput(device, channels_last=True, photometric=augment.PhotometricSpec() if batched_photometric else None)
+    to_network = DeviceInput(device, channels_last=True, photometric=PhotometricSpec() if batched_photometric else None)
     generator = torch.Generator().manual_seed(0)
 
     def device_side(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +156,7 @@ def main() -> None:
             raise SystemExit(f"{len(files)} images are fewer than {needed} needed: raise --replicate")
         device = torch.device(args.device)
         on_gpu = device.type == "cuda"
-        spec = augment.PhotometricSpec()
+        spec = PhotometricSpec()
 
         def reference_side(x: torch.Tensor) -> torch.Tensor:
             if args.loaders_only:
@@ -165,7 +168,7 @@ def main() -> None:
 
         in_workers = args.photometric and not on_gpu
         stream = TrainStream(data.train, batch_size=args.batch_size, batches_per_epoch=len(files) // args.batch_size,
-                             rank=0, world_size=1, seed=0, image_size=args.size, crop=augment.CropSpec(), baked=False,
+                             rank=0, world_size=1, seed=0, image_size=args.size, crop=CropSpec(), baked=False,
                              shuffle_buffer=1000, eval_resize=round(args.size * 256 / 224),
                              num_classes=data.num_classes,
                              photometric=spec if in_workers else None)

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep import augment  # noqa: E402
-from pipeline.data import TrainStream, WebDatasetInput, eval_resize_for, open_prepared  # noqa: E402
-from pipeline.memory_data import MemoryInput  # noqa: E402
+from imaging.crops import eval_resize_for  # noqa: E402
+from imaging.specs import CropSpec  # noqa: E402
+from pipeline.data.memory_input import MemoryInput  # noqa: E402
+from pipeline.data.prepared import open_prepared  # noqa: E402
+from pipeline.data.webdataset_input import TrainStream, WebDatasetInput  # noqa: E402
 
 
 def rate(batches, count: int, device: torch.device) -> float:
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if per_epoch < args.batches + 1:
         parser.error(f"{data.train_samples} training samples give {per_epoch} batches of {args.batch_size}; "
                      f"ask for fewer than {per_epoch} --batches")
-    crop = augment.CropSpec(area=(0.25, 1.0), interpolations=("bilinear",))
+    crop = CropSpec(area=(0.25, 1.0), interpolations=("bilinear",))
     eval_resize = eval_resize_for(args.size, args.size)
     common = dict(batch_size=args.batch_size, batches_per_epoch=per_epoch, rank=0, world_size=1, seed=0,
                   image_size=args.size, eval_resize=eval_resize)

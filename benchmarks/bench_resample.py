@@ -1,4 +1,4 @@
-"""The loader's resampling in C (``data_prep/resample.c``) against Pillow's, on the same decoded
+"""The loader's resampling in C (``imaging/resample.c``) against Pillow's, on the same decoded
 images and the same training crops, in one run.
 
     python benchmarks/bench_resample.py [--src DIR] [--size 224] [--repeats 5]
@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep import augment, jpeg_region  # noqa: E402
+from imaging import jpeg_region  # noqa: E402
+from imaging.crops import sample_crop  # noqa: E402
+from imaging.specs import CropSpec  # noqa: E402
 
 PILLOW = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -60,16 +62,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     if not jpeg_region.available():
-        raise SystemExit("the C library is not built: python -m data_prep.jpeg_region build")
+        raise SystemExit("the C library is not built: python -m imaging.jpeg_region build")
     images = load_images(args.src)
     rng = random.Random(0)
-    spec = augment.CropSpec()
+    spec = CropSpec()
     print(f"{len(images)} images, 5 training crops each, {args.size}px")
     for interpolation in PILLOW:
         crops = []
         for pixels in images:
             for _ in range(5):
-                p = augment.sample_crop(pixels.shape[1], pixels.shape[0], spec, rng)
+                p = sample_crop(pixels.shape[1], pixels.shape[0], spec, rng)
                 crops.append((pixels, (p.left, p.top, p.left + p.width, p.top + p.height), args.size,
                               interpolation, p.flip))
         pillow = best_time(crops, pillow_crop, args.repeats)

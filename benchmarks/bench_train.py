@@ -10,8 +10,8 @@ Rows of the table (every one a forward, backward and SGD step on ``--batch`` ima
 ``--size`` pixels, 1,000 classes):
 - ``googlenet_bn``: this project's batch-norm GoogLeNet as ``configs/imagenet_bn.yaml`` trains
   it, device-resident (one uint8 batch kept on the device, as the loader delivers it): the
-  trainer's own step (``pipeline.device_augment``: photometric distortion and normalisation on
-  the device; ``pipeline.step``: bf16 autocast, channels_last, loss of all heads, the trainer's top-k tally, fused SGD,
+  trainer's own step (``pipeline.data.device_augment``: photometric distortion and normalisation on
+  the device; ``pipeline.train.step``: bf16 autocast, channels_last, loss of all heads, the trainer's top-k tally, fused SGD,
   the EMA every ``ema.every`` updates),
   compiled with torch.compile on CUDA unless ``--no-compile``;
 - ``googlenet (paper)``: the paper's GoogLeNet (LRN, no batch norm) the same way, bf16;
@@ -56,15 +56,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data_prep import augment  # noqa: E402
+from imaging.photometric import normalize  # noqa: E402
+from imaging.specs import PhotometricSpec  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.device_augment import DeviceInput  # noqa: E402
-from pipeline.launch import make_accelerator  # noqa: E402
-from pipeline.metrics import IGNORE_LABEL, Tally  # noqa: E402
-from pipeline.recipe import build_optimizer, scaled_lr  # noqa: E402
-from pipeline.schedule import build_scheduler  # noqa: E402
-from pipeline.step import compute_loss, optimizer_step  # noqa: E402
-from pipeline.trainer import build_network, update_ema  # noqa: E402
+from pipeline.data.device_augment import DeviceInput  # noqa: E402
+from pipeline.data.prepared import IGNORE_LABEL  # noqa: E402
+from pipeline.ops.launch import make_accelerator  # noqa: E402
+from pipeline.train.metrics import Tally  # noqa: E402
+from pipeline.train.recipe import build_optimizer, scaled_lr  # noqa: E402
+from pipeline.train.run import build_network  # noqa: E402
+from pipeline.train.schedule import build_scheduler  # noqa: E402
+from pipeline.train.step import compute_loss, optimizer_step  # noqa: E402
+from pipeline.train.trainer import update_ema  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 REFERENCE = "torchvision reference"
@@ -138,7 +141,7 @@ def project_row(name: str, config_file: str, args, device: torch.device, acceler
     model = torch.compile(bare, mode=compile_mode) if compile_mode else bare
     model, optimizer = accelerator.prepare(model, optimizer)  # also moves ``bare``, which the compiled model wraps
     a = c.data.augment
-    photometric = augment.PhotometricSpec(*(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)),
+    photometric = PhotometricSpec(*(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)),
                                           a.random_order, a.lighting_std)
     inputs_for = {mode: DeviceInput(device, channels_last=True, mixed_precision="bf16", photometric=photometric,
                                     compile_mode=mode) for mode in {compile_mode, None}}
@@ -181,7 +184,7 @@ def reference_row(args, device: torch.device) -> Row:
     amp = device.type == "cuda"  # train.py --amp: fp16 autocast and a GradScaler
     scaler = torch.amp.GradScaler("cuda") if amp else None
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
-    images = augment.normalize(images)  # its loader hands over normalised float32 NCHW batches
+    images = normalize(images)  # its loader hands over normalised float32 NCHW batches
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
 
     def step(image, target):

@@ -1,7 +1,7 @@
 """The seeds' own CIFAR-10 recipe as a plain PyTorch loop, for comparison with this project's.
 
     python -m benchmarks.seed_recipe --train /tmp/cifar10/train --val /tmp/cifar10/test --out runs/seed_recipe
-    python -m pipeline.report runs/seed_recipe runs/cifar10 --targets 90 93 94 --plot tta.png
+    python -m pipeline.train.report runs/seed_recipe runs/cifar10 --targets 90 93 94 --plot tta.png
 
 What the project's origin notebooks did, reading the same images as this project (class folders,
 through torchvision's ``ImageFolder`` instead of ``torchvision.datasets.CIFAR10``): torchvision's
@@ -10,7 +10,7 @@ only), the 32x32 images resized to 224 (``Resize`` + ``ToTensor`` + ImageNet ``N
 augmentation), Adam at lr 1e-3, batch 32, shuffled, 15 epochs, float32. The test set is
 evaluated after every epoch.
 
-It writes what ``python -m pipeline.report`` reads: ``OUT/metrics.jsonl`` (one record per epoch:
+It writes what ``python -m pipeline.train.report`` reads: ``OUT/metrics.jsonl`` (one record per epoch:
 step, epoch, validation top-1/top-5 error, and ``train_seconds``, the clock from the first
 training step to the end of that epoch's validation, as the trainer's clock also includes its
 validations) and ``OUT/config.yaml`` (the model's name, for the table).

@@ -6,8 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+from shards.manifest import PrepError, finalize
+
 from . import demo, synthetic, verify
-from .manifest import PrepError, finalize
 from .plan import PrepParams
 from .sources import SourceError
 

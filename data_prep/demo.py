@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
-from .manifest import MANIFEST
+from shards.manifest import MANIFEST
+
 from .plan import PrepParams
 from .synthetic import SyntheticSpec, generate
 
@@ -36,10 +38,20 @@ def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
     if (shards / MANIFEST).is_file():
         return shards
     workers = workers or len(os.sched_getaffinity(0))
-    print(f"preparing the demo data in {root} (once)", file=sys.stderr)
-    generate(root / "images", SyntheticSpec(), workers=workers)
+    spec = SyntheticSpec()
+    count = spec.num_classes * (spec.train_per_class + spec.val_per_class)
+    started = time.perf_counter()
+    say(f"demo: generating {count} synthetic images ({spec.num_classes} classes, ILSVRC2012 layout) "
+        f"in {root / 'images'}, once")
+    generate(root / "images", spec, workers=workers)
+    say(f"demo: preparing them into WebDataset shards in {shards}, once")
     run(demo_params(root / "images"), shards, workers=workers)
+    say(f"demo: data ready in {time.perf_counter() - started:.0f}s; later runs reuse it")
     return shards
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def ensure_demo_ffcv(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:

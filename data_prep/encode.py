@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from . import jpeg_region
+from imaging import jpeg_region
 
 # ImageNet's largest images are ~100 MP panoramas, over Pillow's default bomb guard: preparation
 # decodes inputs up to this size (under pillow_limit, never by changing the process's default).

@@ -14,7 +14,6 @@ name of every sample is listed, in file order, in ``NAME.names.txt``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -28,23 +27,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import encode
-from .manifest import (FORMAT_VERSION, MANIFEST, PARTS_DIR, PrepError, atomic_write_json, claim_output,
-                       load_manifest, sha256_file)
-from .plan import SPLITS, PrepParams, make_plan
-from .sources import SampleRef
-
-FFCV_INSTALL_HINT = (
-    "FFCV is not installed. It is optional; install it with 'bash scripts/setup.sh --ffcv' "
-    "(apt-get install pkg-config libopencv-dev libturbojpeg0-dev, then pip install -e '.[ffcv]')"
+from shards.ffcv_files import require_ffcv
+from shards.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PARTS_DIR,
+    PrepError,
+    atomic_write_json,
+    claim_output,
+    load_manifest,
+    sha256_file,
 )
 
-
-def require_ffcv():
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as exc:
-        raise PrepError(f"{FFCV_INSTALL_HINT} ({exc})") from None
+from . import encode
+from .plan import SPLITS, PrepParams, make_plan
+from .sources import SampleRef
 
 
 @dataclass(frozen=True)
@@ -294,37 +291,3 @@ def run(out: Path, ffcv_params: FFCVParams, workers: int, *, sources: PrepParams
         print(f"  skipped {s['split']}/{s['name']}: {s['reason']}", file=sys.stderr)
     print(f"manifest: {out / MANIFEST}", file=sys.stderr)
     return manifest
-
-
-# ----------------------------------------------------------------------------- reading back
-def read_images(path: Path, start: int = 0, stop: int | None = None, as_ffcv_decodes: bool = False):
-    """(index, HxWx3 uint8 array, label) for samples start..stop-1 of a .beton, decoded as stored.
-
-    FFCV's loader only hands out crops resized to one size; evaluation with several crops and
-    the tests need each whole image, so it is read here from the file's own tables. JPEGs are
-    decoded with Pillow, or with ``as_ffcv_decodes`` by FFCV's own libjpeg-turbo call (fast DCT,
-    a few levels from Pillow's pixels), as its loader's decoders see them."""
-    from ffcv.fields.rgb_image import IMAGE_MODES
-    from ffcv.libffcv import imdecode
-    from ffcv.reader import Reader
-    from PIL import Image
-
-    raw_mode = IMAGE_MODES["raw"]
-    reader = Reader(str(path))
-    meta = reader.metadata
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    stop = reader.num_samples if stop is None else stop
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    for i in range(start, stop):
-        m = meta["f0"][i]
-        ptr, height, width = int(m["data_ptr"]), int(m["height"]), int(m["width"])
-        if m["mode"] == raw_mode:
-            pixels = np.array(data[ptr: ptr + height * width * 3]).reshape(height, width, 3)
-        elif as_ffcv_decodes:  # the arguments of FFCV's decoders' call: whole image, no scaling, crop or flip
-            pixels = np.empty((height, width, 3), dtype=np.uint8)
-            if imdecode(data[ptr: ptr + sizes[ptr]], pixels, height, width, height, width, 0, 0, 1, 1, False, False):
-                raise RuntimeError(f"{path}: sample {i}: FFCV cannot decode its JPEG")
-        else:
-            with Image.open(io.BytesIO(data[ptr: ptr + sizes[ptr]].tobytes())) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        yield i, pixels, int(meta["f1"][i])

@@ -15,7 +15,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import sources
+from . import resolve, sources
 from .sources import SampleRef, SourceError
 
 SPLITS = ("train", "val")
@@ -163,9 +163,9 @@ def _train_shards(refs: list[SampleRef], index: dict[str, int], params: PrepPara
 
 
 def make_plan(params: PrepParams) -> Plan:
-    train_refs = sources.resolve_train(Path(params.train))
+    train_refs = resolve.resolve_train(Path(params.train))
     val_refs = (
-        sources.resolve_val(Path(params.val), _opt(params.val_labels), _opt(params.devkit))
+        resolve.resolve_val(Path(params.val), _opt(params.val_labels), _opt(params.devkit))
         if params.val
         else []
     )

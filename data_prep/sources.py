@@ -47,7 +47,7 @@ class SampleRef:
         return self.size if self.offset >= 0 else os.path.getsize(self.path)
 
 
-def _is_tar(path: Path) -> bool:
+def is_tar(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(".tar")
 
 
@@ -129,7 +129,7 @@ def scan_train_tar(path: Path) -> list[SampleRef]:
 
 def scan_flat(path: Path) -> list[tuple[str, str, int, int]]:
     """Flat validation files: a folder or an uncompressed tar -> (path, name, offset, size)."""
-    if _is_tar(path):
+    if is_tar(path):
         return [(str(path), m.name, m.offset_data, m.size) for m in _tar_members(path)]
     return [(str(p), str(p.relative_to(path)), -1, -1) for p in _visible_files(path)]
 
@@ -221,40 +221,3 @@ def labelled_flat(path: Path, labels: dict[str, str], labels_origin: str) -> lis
             detail.append(f"{len(missing)} labels without a file (first: {missing[0]!r})")
         raise SourceError(f"{path}: labels from {labels_origin} do not match the files: " + "; ".join(detail))
     return [SampleRef(p, n, labels[Path(n).stem], off, size) for p, n, off, size in files]
-
-
-def resolve_train(path: Path) -> list[SampleRef]:
-    from . import archives  # it builds on this module's SampleRef
-
-    if not path.exists():
-        raise SourceError(f"{path}: training source not found")
-    if _is_tar(path):
-        return scan_train_tar(path)
-    if archives.is_dataset_archive(path):
-        return archives.scan_archive(path, "train")
-    if path.is_dir():
-        return scan_class_folders(path)
-    raise SourceError(f"{path}: expected a folder of class folders, an ILSVRC2012 train .tar, or a CIFAR-10/100 "
-                      f"or STL-10 binary .tar.gz")
-
-
-def resolve_val(path: Path, val_labels: Path | None, devkit: Path | None) -> list[SampleRef]:
-    """Validation as class folders, or flat files / a flat tar labelled by a file or the devkit."""
-    from . import archives
-
-    if not path.exists():
-        raise SourceError(f"{path}: validation source not found")
-    if archives.is_dataset_archive(path):
-        if val_labels is not None or devkit is not None:
-            raise SourceError(f"{path}: the archive holds its own test labels; drop --val-labels/--devkit")
-        return archives.scan_archive(path, "val")  # the archive's test split
-    if val_labels is not None:
-        return labelled_flat(path, read_val_labels(val_labels), str(val_labels))
-    if devkit is not None:
-        _, val_wnids = read_devkit(devkit)
-        # The devkit's ground truth lists classes in validation-file order: ILSVRC2012_val_00000001 ...
-        labels = {f"ILSVRC2012_val_{i:08d}": w for i, w in enumerate(val_wnids, start=1)}
-        return labelled_flat(path, labels, str(devkit))
-    if path.is_dir() and any(d.is_dir() for d in path.iterdir()):
-        return scan_class_folders(path)
-    raise SourceError(f"{path}: flat validation files need --val-labels or --devkit")

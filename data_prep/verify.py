@@ -9,9 +9,10 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from shards.manifest import load_manifest, sha256_file
+from shards.tar_index import index_path, load_index, scan
+
 from .encode import MAX_STORED_PIXELS, pillow_limit
-from .manifest import load_manifest, sha256_file
-from .tar_index import index_path, load_index, scan
 
 
 def verify_shard(directory: Path, shard: dict, num_classes: int, raw_pixels: bool = False) -> list[str]:
@@ -65,7 +66,7 @@ def _verify_job(args) -> list[str]:
 
 def verify_beton(directory: Path, split: str, info: dict, num_classes: int) -> list[str]:
     """An FFCV file: size, sha256, sample count, and every image decoded with a valid label."""
-    from .ffcv_writer import read_images
+    from shards.ffcv_files import read_images
 
     path = directory / info["file"]
     if not path.is_file():

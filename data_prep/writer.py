@@ -22,10 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import encode, jpeg_region
-from .manifest import PARTS_DIR, PrepError, atomic_write_json, claim_output, finalize
+from imaging import jpeg_region
+from shards.manifest import PARTS_DIR, PrepError, atomic_write_json, claim_output, finalize
+from shards.tar_index import IndexBuilder, index_path
+
+from . import encode
 from .plan import Item, PrepParams, ShardPlan, make_plan
-from .tar_index import IndexBuilder, index_path
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -78,14 +80,16 @@ def _augmented_copy(data: bytes, item: Item, params: PrepParams) -> bytes:
     import torch
     from PIL import Image
 
-    from . import augment
+    from imaging.crops import random_resized_crop
+    from imaging.photometric import photometric_distort
+    from imaging.specs import CropSpec, PhotometricSpec
 
     seed = params.seed * 1_000_003 + item.position
     image = encode.to_rgb(encode.open_image(data))
-    crop = augment.random_resized_crop(image, params.augment_size, augment.CropSpec(), random.Random(seed))
+    crop = random_resized_crop(image, params.augment_size, CropSpec(), random.Random(seed))
     pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
     generator = torch.Generator().manual_seed(seed)
-    distorted = augment.photometric_distort(pixels, augment.PhotometricSpec(), generator)
+    distorted = photometric_distort(pixels, PhotometricSpec(), generator)
     array = (distorted * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return encode.store(Image.fromarray(array), encode_spec(params))
 
@@ -173,7 +177,7 @@ def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, tas
         raise PrepError(f"--task-id {task_id} is outside 0..{num_tasks - 1}")
     if params.restart_markers and not jpeg_region.available():
         raise PrepError("--restart-markers rewrites JPEGs with the C library, which is not built here (or was "
-                        "built by an older version): run 'python -m data_prep.jpeg_region build' (needs gcc and "
+                        "built by an older version): run 'python -m imaging.jpeg_region build' (needs gcc and "
                         "libjpeg62-turbo-dev)")
     plan = make_plan(params)  # every source problem surfaces here, before anything is written
     claim_output(out, plan.summary())

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from data_prep.augment import INTERPOLATIONS
+from imaging.specs import INTERPOLATIONS
 
-
+REPO = Path(__file__).resolve().parents[1]  # recipes are found relative to it too
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -63,7 +63,7 @@ class DataConfig:
     eval_batch_size: int | None = None  # null: 2 x batch_size
     workers: int | None = 4  # loader processes per training process; null: this host's cores per local process
     # webdataset: shards decoded by loader workers every epoch; memory: decoded once into (device)
-    # memory, cropped there (datasets that fit: CIFAR, STL-10; see pipeline/memory_data.py)
+    # memory, cropped there (datasets that fit: CIFAR, STL-10; see pipeline/data/memory_input.py)
     loader: str = "webdataset"
     shuffle_buffer: int = 2000  # samples, on top of the global shuffle of the shards and shard order
     interleave_shards: int = 4  # shards each loader worker reads at once, so that neighbours differ per epoch
@@ -323,3 +323,11 @@ def to_dict(config: Config) -> dict:
 
 def dump(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def recipe_path(path: str) -> Path:
+    """A recipe path as given, or else relative to the repository (``configs/NAME.yaml``)."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute() or not (REPO / given).is_file():
+        return given
+    return REPO / given

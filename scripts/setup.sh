@@ -66,6 +66,6 @@ if [ ${#extras[@]} -gt 0 ]; then
   spec=".[$(IFS=,; echo "${extras[*]}")]"
 fi
 .venv/bin/python -m pip install -q -e "$spec"
-.venv/bin/python -m data_prep.jpeg_region build \
+.venv/bin/python -m imaging.jpeg_region build \
   || echo "setup: region JPEG decoder not built; the loader decodes with Pillow (whole image)" >&2
 echo "setup: done (.venv)" >&2

@@ -62,7 +62,7 @@ def region_decoder(tmp_path_factory):
     skipped where there is no C compiler or libjpeg-turbo headers."""
     import subprocess
 
-    from data_prep import jpeg_region
+    from imaging import jpeg_region
 
     saved = jpeg_region.LIBRARY if jpeg_region.available() else None
     if saved is None:
@@ -74,3 +74,10 @@ def region_decoder(tmp_path_factory):
         assert jpeg_region.use_library(target)
     yield
     jpeg_region.use_library(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test not marked ``slow`` is in the everyday subset: ``pytest -m fast``."""
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)

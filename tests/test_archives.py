@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import subprocess_env
 from PIL import Image
 
-from conftest import subprocess_env
 from data_prep.archives import scan_archive
 from data_prep.plan import PrepParams
 from data_prep.sources import SourceError

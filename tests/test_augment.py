@@ -1,4 +1,4 @@
-"""Tests for data_prep.augment (GoogLeNet augmentation)."""
+"""Tests for the imaging layer: crop sampling, decoding, photometric distortion (GoogLeNet augmentation)."""
 import io
 import math
 import random
@@ -6,18 +6,16 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy import stats
 import torch
 import torchvision.transforms.functional as TF1
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from scipy import stats
 
-from data_prep import augment as A
-from data_prep.augment import (
-    INTERPOLATIONS, CropParams, CropSpec, PhotometricSpec, decode_center_crop,
-    decode_random_crop, normalize, photometric_distort, random_resized_crop, sample_crop,
-)
-
+from imaging.crops import apply_crop, decode_center_crop, decode_random_crop, random_resized_crop, sample_crop
+from imaging.decode import draft_box
+from imaging.photometric import PCA_EIGVAL, PCA_EIGVEC, color_jitter, draw_params, normalize, photometric_distort
+from imaging.specs import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, CropParams, CropSpec, PhotometricSpec
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -279,8 +277,8 @@ def test_decode_random_crop_deterministic(big_jpeg):
 def test_flip_mirrors_output():
     img = _gradient(200, 200)
     p = CropParams(10, 20, 150, 120, "bilinear", False)
-    plain = np.asarray(A._apply_crop(img, p, 32))
-    flipped = np.asarray(A._apply_crop(img, CropParams(10, 20, 150, 120, "bilinear", True), 32))
+    plain = np.asarray(apply_crop(img, p, 32))
+    flipped = np.asarray(apply_crop(img, CropParams(10, 20, 150, 120, "bilinear", True), 32))
     assert np.array_equal(plain[:, ::-1], flipped) and not np.array_equal(plain, flipped)
 
 
@@ -292,11 +290,11 @@ def test_flip_mirrors_output():
 ])
 def test_draft_matches_full_decode(big_jpeg, params):
     drafted = Image.open(io.BytesIO(big_jpeg))
-    fast = np.asarray(A._apply_crop(drafted, params, 64), dtype=np.float32)
+    fast = np.asarray(apply_crop(drafted, params, 64), dtype=np.float32)
     assert drafted.size[0] < 2000 and drafted.size[1] < 1500  # reduced decode really happened
     full = Image.open(io.BytesIO(big_jpeg))
     full.load()  # a loaded image cannot be drafted: reference at full resolution
-    ref = np.asarray(A._apply_crop(full, params, 64), dtype=np.float32)
+    ref = np.asarray(apply_crop(full, params, 64), dtype=np.float32)
     assert full.size == (2000, 1500)
     assert np.abs(fast - ref).mean() < 1.5
 
@@ -306,7 +304,7 @@ def test_draft_scale_keeps_crop_at_least_size(big_jpeg):
                               ((0, 0, 300, 260), 64, 4), ((0, 0, 150, 130), 64, 2),
                               ((0, 0, 127, 500), 64, 1)]:
         img = Image.open(io.BytesIO(big_jpeg))
-        new_box = A.draft_box(img, box, size)
+        new_box = draft_box(img, box, size)
         assert img.size == (math.ceil(2000 / expect), math.ceil(1500 / expect))
         assert min(new_box[2] - new_box[0], new_box[3] - new_box[1]) >= size
         assert np.allclose(new_box, np.array(box) / expect)
@@ -314,7 +312,7 @@ def test_draft_scale_keeps_crop_at_least_size(big_jpeg):
 
 def test_draft_not_used_for_png():
     img = Image.open(io.BytesIO(_encode(_gradient(800, 600), "PNG")))
-    assert A.draft_box(img, (0, 0, 800, 600), 32) == (0, 0, 800, 600) and img.size == (800, 600)
+    assert draft_box(img, (0, 0, 800, 600), 32) == (0, 0, 800, 600) and img.size == (800, 600)
 
 
 def test_decode_center_crop_geometry():
@@ -397,7 +395,7 @@ def test_each_op_matches_torchvision(k, name):
                            random_order=False)
     x = torch.rand(6, 3, 10, 9)
     out = photometric_distort(x, spec, torch.Generator().manual_seed(11))
-    factors, _, _ = A._draw_params(6, spec, torch.Generator().manual_seed(11))
+    factors, _, _ = draw_params(6, spec, torch.Generator().manual_seed(11))
     assert len(set(factors[:, k].tolist())) == 6
     for i in range(6):
         ref = _TV_OPS[name](x[i], float(factors[i, k]))
@@ -408,7 +406,7 @@ def test_color_jitter_with_explicit_factors_matches_torchvision_chain():
     x = torch.rand(4, 3, 7, 7)
     factors = torch.tensor([[1.3, 0.6, 1.4], [0.5, 1.5, 0.7], [1.0, 1.0, 1.0], [1.5, 1.2, 0.0]])
     order = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]])
-    out = A._color_jitter(x, factors, order)
+    out = color_jitter(x, factors, order)
     fns = list(_TV_OPS.values())
     for i in range(4):
         ref = x[i]
@@ -442,9 +440,9 @@ def test_order_is_random():
     enabled = (True, True, False)
 
     def outcomes(random_order):
-        _, order, _ = A._draw_params(300, PhotometricSpec(random_order=random_order),
+        _, order, _ = draw_params(300, PhotometricSpec(random_order=random_order),
                                      torch.Generator().manual_seed(2))
-        out = A._color_jitter(x, factors, order, enabled)
+        out = color_jitter(x, factors, order, enabled)
         return Counter(tuple(round(v, 4) for v in o[0, 0].tolist()) for o in out), order
 
     results, order = outcomes(True)
@@ -484,10 +482,10 @@ def test_lighting_offsets_follow_pca():
     corr = np.corrcoef(d.T.numpy())
     assert corr[0, 1] > 0.8 and corr[1, 2] > 0.8 and corr[0, 2] > 0.8
     # Projecting onto the eigenvectors recovers alpha * eigval with alpha ~ N(0, std).
-    alpha = (d @ A.PCA_EIGVEC) / A.PCA_EIGVAL
+    alpha = (d @ PCA_EIGVEC) / PCA_EIGVAL
     assert torch.allclose(alpha.std(0), torch.full((3,), 0.1), atol=0.01)
     assert alpha.mean(0).abs().max() < 0.01
-    _, _, drawn = A._draw_params(n, spec, torch.Generator().manual_seed(9))
+    _, _, drawn = draw_params(n, spec, torch.Generator().manual_seed(9))
     torch.testing.assert_close(alpha, drawn, atol=2e-3, rtol=0)
 
 
@@ -505,7 +503,7 @@ def test_photometric_device_independent():
 
 def test_normalize_matches_torchvision():
     x = torch.rand(4, 3, 6, 5)
-    ref = torch.stack([TF.normalize(i, list(A.IMAGENET_MEAN), list(A.IMAGENET_STD)) for i in x])
+    ref = torch.stack([TF.normalize(i, list(IMAGENET_MEAN), list(IMAGENET_STD)) for i in x])
     torch.testing.assert_close(normalize(x), ref)
     torch.testing.assert_close(normalize(x[0]), ref[0])
     assert not torch.equal(normalize(x), x)
@@ -518,7 +516,7 @@ def test_pil_worker_path_matches_the_tensor_path_for_the_same_draws():
     import numpy as np
     from PIL import Image
 
-    from data_prep.augment import photometric_distort_pil
+    from imaging.photometric import photometric_distort_pil
 
     rng = np.random.default_rng(0)
     smooth = np.clip(rng.normal(128, 40, (8, 8, 3)), 0, 255).astype(np.uint8)

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, subprocess_env
 
 
+@pytest.mark.slow
 def test_smoke_mode_prints_every_row_with_consistent_figures(tmp_path):
     out = tmp_path / "rows.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--smoke", "--json", str(out)],

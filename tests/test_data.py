@@ -13,16 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import augment
-from data_prep.manifest import PrepError
-from pipeline.data import EvalStream, Skipped, TrainStream, make_loader, open_prepared, shard_range
-from pipeline.metrics import IGNORE_LABEL
+from imaging.crops import decode_center_crop
+from imaging.specs import CropSpec
+from pipeline.data.batches import make_loader
+from pipeline.data.prepared import IGNORE_LABEL, Skipped, open_prepared, shard_range
+from pipeline.data.webdataset_input import EvalStream, TrainStream
+from shards.manifest import PrepError
 
 
 def train_stream(data, rank=0, world=1, batches=None, batch_size=4, seed=0):
     per_rank = batches or data.train_samples // (batch_size * world)
     return TrainStream(data.train, batch_size=batch_size, batches_per_epoch=per_rank, rank=rank, world_size=world,
-                       seed=seed, image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20,
+                       seed=seed, image_size=32, crop=CropSpec(), baked=False, shuffle_buffer=20,
                        eval_resize=36, num_classes=data.num_classes)
 
 
@@ -211,7 +213,7 @@ def test_loader_batches_are_the_decoded_lane_samples(tiny_data):
     expected = []
     for index in range(stream.batches_per_epoch):
         samples = lanes[index % 2][index // 2 * 4:][:4]
-        expected.append((torch.stack([augment.decode_center_crop(s.data, 32, 36) for s in samples]),
+        expected.append((torch.stack([decode_center_crop(s.data, 32, 36) for s in samples]),
                          torch.tensor([s.label for s in samples])))
     assert len(loaded) == len(expected) == 12
     for (x, y), (xe, ye) in zip(loaded, expected):

@@ -13,21 +13,33 @@ import torchvision
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_runs import run_module, torchvision_weights, train, train_process
 from torchvision.transforms.v2 import functional as F
 
-from data_prep import augment
-from pipeline import evaluate as evaluate_cli
+from imaging.crops import decode_center_crop
+from imaging.photometric import normalize
 from pipeline.config import ConfigError, load_config
-from pipeline.crops import (
-    Crop, area, centre_crop, crop_plan, crop_stack, ffcv_centre_crop, ffcv_crop_stack, image_crops, network_input,
-    paper_crops, paper_scales, render, ten_crops,
+from pipeline.data.prepared import equal_ranges, open_prepared
+from pipeline.inference import evaluate as evaluate_cli
+from pipeline.inference.crop_stream import val_images
+from pipeline.inference.evaluate import average_probabilities, row_logits, table_rows
+from pipeline.inference.multi_crop import (
+    Crop,
+    area,
+    centre_crop,
+    crop_plan,
+    crop_stack,
+    ffcv_centre_crop,
+    ffcv_crop_stack,
+    image_crops,
+    network_input,
+    paper_crops,
+    paper_scales,
+    render,
+    ten_crops,
 )
-from pipeline.data import equal_ranges, open_prepared
-from pipeline.eval_data import val_images
-from pipeline.evaluate import average_probabilities, row_logits, table_rows
+from pipeline.inference.run_files import load_initial_model, load_model
 from pipeline.models import build_model, forward_with_aux, load_torchvision_weights
-from pipeline.run_files import load_initial_model, load_model
-from tiny_runs import run_module, torchvision_weights, train, train_process
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +125,7 @@ def test_rendered_crops_are_the_boxes_of_the_resized_image():
     assert torch.equal(pixels[72:], pixels[:72].flip(2))  # the mirrors
     inputs = network_input(pixels[:2])
     assert inputs.shape == (2, 3, 32, 32) and inputs.is_contiguous()
-    torch.testing.assert_close(inputs, augment.normalize(pixels[:2].permute(0, 3, 1, 2).float() / 255))
+    torch.testing.assert_close(inputs, normalize(pixels[:2].permute(0, 3, 1, 2).float() / 255))
 
 
 def test_the_centre_crop_is_the_trainers_also_with_reduced_scale_jpeg_decoding():
@@ -123,7 +135,7 @@ def test_the_centre_crop_is_the_trainers_also_with_reduced_scale_jpeg_decoding()
     Image.fromarray(array).save(buffer, "JPEG", quality=90)
     encoded = buffer.getvalue()
     # 300 x 200 at 32 px: the centre crop's box spans 173 px, so the trainer decodes at 1/4 scale
-    trainer = augment.decode_center_crop(encoded, 32, 37)
+    trainer = decode_center_crop(encoded, 32, 37)
     stack = crop_stack(Image.open(io.BytesIO(encoded)), 144, 32, 37)
     assert stack.shape == (145, 32, 32, 3)
     assert torch.equal(stack[0].permute(2, 0, 1), trainer)
@@ -187,8 +199,9 @@ def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_144_crops_of_a_run_in_one_process(runs):
-    result = run_module("pipeline.evaluate", "--run", str(runs["paper"]), "--checkpoint", "last", "--crops", "144",
+    result = run_module("pipeline.inference.evaluate", "--run", str(runs["paper"]), "--checkpoint", "last", "--crops", "144",
                         cwd=runs["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = runs["paper"] / "eval-144crops.json"
@@ -226,8 +239,9 @@ def _reference_top1(models, data, crops: int) -> dict[tuple[int, int], float]:
     return rows
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_two_architectures_over_two_processes_counts_every_image_once(runs, tiny_data):
-    result = run_module("pipeline.evaluate", "--run", str(runs["paper"]), "--runs", str(runs["tv"]), "--checkpoint",
+    result = run_module("pipeline.inference.evaluate", "--run", str(runs["paper"]), "--runs", str(runs["tv"]), "--checkpoint",
                         "last", "--crops", "10", "--workers", "2", "--batch-size", "24", cwd=runs["root"], processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((runs["paper"] / "eval-2models-10crops.json").read_text())
@@ -243,8 +257,9 @@ def test_an_ensemble_of_two_architectures_over_two_processes_counts_every_image_
     assert rows[(1, 1)][0] == _metrics(runs["paper"])["val_top1_error"]
 
 
+@pytest.mark.slow
 def test_ema_weights_and_clear_errors(runs, tmp_path, capsys):
-    result = run_module("pipeline.evaluate", "--run", str(runs["paper"]), "--checkpoint", "last", "--ema",
+    result = run_module("pipeline.inference.evaluate", "--run", str(runs["paper"]), "--checkpoint", "last", "--ema",
                         "--workers", "0", cwd=runs["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((runs["paper"] / "eval-1crops-ema.json").read_text())
@@ -295,6 +310,7 @@ def test_a_checkpoint_directory_names_its_run(runs):
 
 # ----------------------------------------------------------------------------- torchvision weights
 
+@pytest.mark.slow
 def test_torchvision_weights_behave_as_torchvisions_googlenet_with_weights(tmp_path):
     path = torchvision_weights(tmp_path / "tv.pth", num_classes=5)
     state = torch.load(path, weights_only=True)
@@ -326,13 +342,14 @@ def test_torchvision_weights_behave_as_torchvisions_googlenet_with_weights(tmp_p
         load_config(None, ["model.weights=''"])
 
 
+@pytest.mark.slow
 def test_the_trainer_starts_from_torchvision_weights_and_evaluation_sees_them(runs, tiny_data):
     state = torch.load(runs["weights"], weights_only=True)
     trained = load_file(runs["tv"] / "checkpoints" / "step-00000002" / "model.safetensors")
     torch.testing.assert_close(trained["conv1.conv.weight"], state["conv1.conv.weight"], rtol=0, atol=1e-6)
     assert load_model(runs["tv"]).model.transform_input  # rebuilt with the weights' input convention
     # the weights as the trainer starts from them, evaluated straight from a recipe
-    result = run_module("pipeline.evaluate", "--config", str(runs["tv"] / "config.yaml"), "--workers", "0",
+    result = run_module("pipeline.inference.evaluate", "--config", str(runs["tv"] / "config.yaml"), "--workers", "0",
                         "--out", str(runs["root"] / "initial.json"), cwd=runs["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((runs["root"] / "initial.json").read_text())

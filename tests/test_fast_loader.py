@@ -16,11 +16,24 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import augment, jpeg_region, tar_index
 from data_prep.plan import PrepParams
 from data_prep.synthetic import SyntheticSpec, generate
 from data_prep.writer import run
-from pipeline.data import EvalStream, Sample, Skipped, TrainStream, make_loader, open_prepared, shard_range
+from imaging import jpeg_region
+from imaging.crops import (
+    apply_crop,
+    center_box,
+    center_crop_image,
+    random_crop_array,
+    random_crop_image,
+    random_resized_crop,
+)
+from imaging.decode import EncodedImage, draft_box, raw_pixels, resize_box
+from imaging.specs import CropParams, CropSpec
+from pipeline.data.batches import make_loader
+from pipeline.data.prepared import Sample, Skipped, open_prepared, shard_range
+from pipeline.data.webdataset_input import EvalStream, TrainStream
+from shards import tar_index
 
 
 # ------------------------------------------------------------------------------------------ region decoder
@@ -38,7 +51,7 @@ def photo_like(width: int, height: int, seed: int, mode: str = "RGB", subsamplin
 
 def pillow_crop(data: bytes, size: int, seed: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(augment.random_resized_crop(image, size, augment.CropSpec(), random.Random(seed)), np.int16)
+        return np.asarray(random_resized_crop(image, size, CropSpec(), random.Random(seed)), np.int16)
 
 
 @pytest.mark.parametrize("restarts", [False, True], ids=["plain", "restart-markers"])
@@ -55,30 +68,30 @@ def test_region_decoding_matches_pillow(region_decoder, width, height, mode, sub
     data = photo_like(width, height, seed=width, mode=mode, subsampling=subsampling)
     if restarts:
         data = jpeg_region.add_restarts(data)
-    assert augment.EncodedImage.open(data) is not None  # the region decoder takes it
+    assert EncodedImage.open(data) is not None  # the region decoder takes it
     means = []
     for seed in range(24):
-        fast = np.asarray(augment.random_crop_image(data, size, augment.CropSpec(), random.Random(seed)), np.int16)
+        fast = np.asarray(random_crop_image(data, size, CropSpec(), random.Random(seed)), np.int16)
         assert fast.shape == (size, size, 3)
         means.append(np.abs(fast - pillow_crop(data, size, seed)).mean())
     # The same crop and filter; only decoder rounding differs (IDCT builds, an exact-boundary
     # pixel of the area and nearest filters), far below what a wrong region or scale gives.
     assert np.mean(means) < 0.3 and max(means) < 1.5, means
-    centre = np.asarray(augment.center_crop_image(data, size), np.int16)
+    centre = np.asarray(center_crop_image(data, size), np.int16)
     with Image.open(io.BytesIO(data)) as image:
-        box = augment.draft_box(image, augment.center_box(*image.size, size, round(size * 256 / 224)), size)
-        reference = np.asarray(augment.resize_box(image, box, size, Image.Resampling.BILINEAR), np.int16)
+        box = draft_box(image, center_box(*image.size, size, round(size * 256 / 224)), size)
+        reference = np.asarray(resize_box(image, box, size, Image.Resampling.BILINEAR), np.int16)
     assert np.abs(centre - reference).mean() < 0.3
 
 
 def test_a_shifted_region_would_be_caught(region_decoder):
     """The agreement check above is sharp: a crop one pixel off differs by much more."""
     data = photo_like(500, 375, seed=1)
-    params = augment.CropParams(100, 80, 200, 180, "bilinear", False)
-    shifted = augment.CropParams(101, 80, 200, 180, "bilinear", False)
+    params = CropParams(100, 80, 200, 180, "bilinear", False)
+    shifted = CropParams(101, 80, 200, 180, "bilinear", False)
     with Image.open(io.BytesIO(data)) as a, Image.open(io.BytesIO(data)) as b:
-        diff = np.abs(np.asarray(augment._apply_crop(a, params, 224), np.int16)
-                      - np.asarray(augment._apply_crop(b, shifted, 224), np.int16)).mean()
+        diff = np.abs(np.asarray(apply_crop(a, params, 224), np.int16)
+                      - np.asarray(apply_crop(b, shifted, 224), np.int16)).mean()
     assert diff > 1.5
 
 
@@ -155,21 +168,21 @@ def test_a_restart_marked_file_cut_short_is_judged_by_the_whole_stream(region_de
 def test_region_decoder_leaves_what_it_cannot_do_to_pillow(region_decoder):
     cmyk = io.BytesIO()
     Image.new("CMYK", (64, 48), (10, 20, 30, 40)).save(cmyk, format="JPEG")
-    assert augment.EncodedImage.open(cmyk.getvalue()) is None  # CMYK: Pillow converts it
-    assert augment.random_crop_image(cmyk.getvalue(), 32, augment.CropSpec(), random.Random(0)).size == (32, 32)
+    assert EncodedImage.open(cmyk.getvalue()) is None  # CMYK: Pillow converts it
+    assert random_crop_image(cmyk.getvalue(), 32, CropSpec(), random.Random(0)).size == (32, 32)
     truncated = photo_like(500, 375, seed=2)[:4000]
     with pytest.raises(OSError, match="truncated"):  # libjpeg only warns; Pillow's verdict stands
-        augment.random_crop_image(truncated, 224, augment.CropSpec(area=(1.0, 1.0)), random.Random(0))
+        random_crop_image(truncated, 224, CropSpec(area=(1.0, 1.0)), random.Random(0))
 
 
 def test_without_the_region_decoder_pillow_decodes(region_decoder):
     data = photo_like(500, 375, seed=3)
-    with_library = augment.random_crop_image(data, 224, augment.CropSpec(), random.Random(4))
+    with_library = random_crop_image(data, 224, CropSpec(), random.Random(4))
     saved = jpeg_region._lib
     jpeg_region.use_library(None)
     try:
-        assert augment.EncodedImage.open(data) is None
-        plain = np.asarray(augment.random_crop_image(data, 224, augment.CropSpec(), random.Random(4)), np.int16)
+        assert EncodedImage.open(data) is None
+        plain = np.asarray(random_crop_image(data, 224, CropSpec(), random.Random(4)), np.int16)
     finally:
         jpeg_region._lib = saved
     assert np.abs(plain - pillow_crop(data, 224, 4)).max() == 0
@@ -198,11 +211,11 @@ def test_raw_pixel_shards_are_recorded_and_read_without_decoding(raw_data):
     items = list(shard_range(data.train[0], 0, data.train[0].samples, data.num_classes))
     assert all(isinstance(item, Sample) for item in items)
     for seed, item in enumerate(items):
-        pixels = augment.raw_pixels(item.data)
+        pixels = raw_pixels(item.data)
         with Image.open(io.BytesIO(item.data)) as image:  # a PPM: Pillow reads the same pixels
             assert np.array_equal(pixels, np.asarray(image))
-            reference = augment.random_resized_crop(image, 16, augment.CropSpec(), random.Random(seed))
-        fast = augment.random_crop_image(item.data, 16, augment.CropSpec(), random.Random(seed))
+            reference = random_resized_crop(image, 16, CropSpec(), random.Random(seed))
+        fast = random_crop_image(item.data, 16, CropSpec(), random.Random(seed))
         assert np.array_equal(np.asarray(fast), np.asarray(reference))  # the same crop, exactly
 
 
@@ -268,12 +281,12 @@ def test_shards_with_restart_markers_hold_the_same_pixels(region_decoder, tmp_pa
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         for seed in range(3):
             np.testing.assert_array_equal(
-                augment.random_crop_array(sample.data, 48, augment.CropSpec(), random.Random(seed)),
-                augment.random_crop_array(kept[sample.key], 48, augment.CropSpec(), random.Random(seed)))
+                random_crop_array(sample.data, 48, CropSpec(), random.Random(seed)),
+                random_crop_array(kept[sample.key], 48, CropSpec(), random.Random(seed)))
 
 
 def test_raw_pixels_take_no_jpeg_options_and_a_changed_option_is_named(tmp_path):
-    from data_prep.manifest import PrepError
+    from shards.manifest import PrepError
 
     for option in ("reencode", "restart_markers"):
         with pytest.raises(ValueError, match=option):
@@ -286,7 +299,7 @@ def test_raw_pixels_take_no_jpeg_options_and_a_changed_option_is_named(tmp_path)
 
 
 def test_restart_markers_need_the_library(region_decoder, tmp_path):
-    from data_prep.manifest import PrepError
+    from shards.manifest import PrepError
 
     generate(tmp_path / "images", SyntheticSpec(num_classes=2, train_per_class=2, val_per_class=1, seed=6))
     saved = jpeg_region._lib
@@ -381,7 +394,7 @@ def test_index_and_tar_walk_give_the_same_batches(tiny_data, tmp_path):
     def batches(directory):
         data = open_prepared(directory)
         stream = TrainStream(data.train, batch_size=4, batches_per_epoch=6, rank=0, world_size=1, seed=0,
-                             image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20,
+                             image_size=32, crop=CropSpec(), baked=False, shuffle_buffer=20,
                              eval_resize=36, num_classes=data.num_classes)
         stream.set_epoch(0)
         return [(x.clone(), y.clone()) for x, y, _ in make_loader(stream, 0, pin_memory=False)]
@@ -394,7 +407,7 @@ def test_index_and_tar_walk_give_the_same_batches(tiny_data, tmp_path):
 def test_batches_are_channels_last_views_and_keep_that_layout(tiny_data):
     data = open_prepared(tiny_data)
     stream = TrainStream(data.train, batch_size=4, batches_per_epoch=3, rank=0, world_size=1, seed=0,
-                         image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20, eval_resize=36,
+                         image_size=32, crop=CropSpec(), baked=False, shuffle_buffer=20, eval_resize=36,
                          num_classes=data.num_classes)
     stream.set_epoch(0)
     val = EvalStream(data.val, batch_size=3, rank=0, world_size=1, image_size=32, resize=36,
@@ -421,13 +434,13 @@ def test_verify_checks_raw_pixel_shards_and_indexes(raw_data, tmp_path):
 
 
 def test_persistent_workers_go_on_with_the_next_epoch_exactly(tiny_data):
-    from pipeline.data import WebDatasetInput
+    from pipeline.data.webdataset_input import WebDatasetInput
 
     data = open_prepared(tiny_data)
 
     def stream():
         return TrainStream(data.train, batch_size=4, batches_per_epoch=6, rank=0, world_size=1, seed=0,
-                           image_size=32, crop=augment.CropSpec(), baked=False, shuffle_buffer=20,
+                           image_size=32, crop=CropSpec(), baked=False, shuffle_buffer=20,
                            eval_resize=36, num_classes=data.num_classes)
 
     def fresh(epoch, start_batch=0):

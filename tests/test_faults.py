@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, subprocess_env
+from safetensors.torch import load_file
 from test_train import TINY, final_weights, launch, launch_command, metrics, scalars
 
 # Two processes, 3 epochs of 12 updates, a checkpoint every 5 updates.
@@ -72,6 +71,7 @@ def straight(tiny_data, tmp_path_factory) -> Path:
     return out / "straight"
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_resumes_to_the_same_parameters(tiny_data, straight, tmp_path):
     """kill -9 of the launcher and both ranks at three random moments (mid-step, mid-checkpoint,
     mid-validation alike), then a resume each time: the end is the uninterrupted run's, and the
@@ -102,6 +102,7 @@ def test_killed_at_random_moments_resumes_to_the_same_parameters(tiny_data, stra
     assert not (run_dir / "run.lock").exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_stops_without_requeue(tiny_data, straight, tmp_path):
     """SIGTERM to the launcher (as SLURM sends at the time limit, on preemption or scancel): it
     forwards it, both ranks stop at the same step and write its checkpoint; the run resumes."""
@@ -120,6 +121,7 @@ def test_sigterm_checkpoints_and_stops_without_requeue(tiny_data, straight, tmp_
     same_weights(straight, run_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_single_process_exits_143_after_its_checkpoint(tiny_data, tmp_path):
     """No launcher: ``python train.py`` itself gets the signal, and says so by its exit code."""
     args = [*ARGS, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "name=single"]
@@ -147,6 +149,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint(tiny_data, small_disk, tmp_path):
     """The disk fills up while the second checkpoint is written: one line naming the path and
     the space it needed, exit code 4, the half-written directory removed, the first checkpoint
@@ -180,6 +183,7 @@ def test_full_disk_during_a_checkpoint(tiny_data, small_disk, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ run directory
+@pytest.mark.slow
 def test_a_second_launch_into_a_live_run_is_refused(tiny_data, tmp_path):
     args = [*ARGS, "schedule.epochs=20", f"data.dir={tiny_data}", f"output_dir={tmp_path}", "name=busy"]
     first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=subprocess_env(),
@@ -202,6 +206,7 @@ def test_a_second_launch_into_a_live_run_is_refused(tiny_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ hung process
+@pytest.mark.slow
 def test_a_hung_process_ends_the_job_within_the_collective_timeout(tiny_data, tmp_path):
     """Rank 1 stops answering (SIGSTOP, as a hung GPU or a dead node looks to the others): rank 0
     gives up after train.collective_timeout_s with one line saying so, and the job ends."""
@@ -234,7 +239,7 @@ def test_a_hung_process_ends_the_job_within_the_collective_timeout(tiny_data, tm
     "Timed out waiting 10000ms for send operation to complete",  # gloo's collective, via DistError
 ])
 def test_timeouts_of_every_collective_kind_get_the_same_line(text):
-    from pipeline.launch import collective_failure
+    from pipeline.ops.launch import collective_failure
     exc = RuntimeError(text) if "waiting" not in text else torch.distributed.DistError(text)
     message = collective_failure(exc, 10)
     assert message and message.startswith("a collective operation timed out after 10 s (train.collective_timeout_s)")
@@ -262,6 +267,7 @@ def train_single(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_stops_the_run_naming_shard_sample_and_fix(damaged_data, tmp_path):
     result = train_single(f"data.dir={damaged_data}", "schedule.epochs=1", f"output_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 3, result.stderr[-3000:]
@@ -271,6 +277,7 @@ def test_a_damaged_shard_stops_the_run_naming_shard_sample_and_fix(damaged_data,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_skipping_records_every_bad_sample_and_keeps_ranks_in_step(damaged_data, tmp_path):
     """Two processes train on: every sample of each epoch is trained or recorded (once), the
     records are in skipped_samples.jsonl and TensorBoard, and the replicas stay identical."""
@@ -291,6 +298,7 @@ def test_skipping_records_every_bad_sample_and_keeps_ranks_in_step(damaged_data,
     assert scalars(run_dir)["data/skipped_samples"][-1][1] == len(records)
 
 
+@pytest.mark.slow
 def test_too_many_skipped_samples_stop_the_run(damaged_data, tmp_path):
     result = train_single(f"data.dir={damaged_data}", "data.on_bad_sample=skip", "data.max_skipped_fraction=0.01",
                           "schedule.epochs=1", f"output_dir={tmp_path}", cwd=tmp_path)

@@ -13,19 +13,20 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
-
 from conftest import ROOT, subprocess_env
-from data_prep.manifest import PrepError
-from data_prep.plan import PrepParams
 from imagefiles import class_folders, image_bytes
+from PIL import Image
 from test_train import TINY, launch, metrics
 from tiny_runs import run_module
+
+from data_prep.plan import PrepParams
+from shards.manifest import PrepError
 
 ffcv = pytest.importorskip("ffcv", reason="FFCV is optional: bash scripts/setup.sh --ffcv")
 
 from data_prep import ffcv_writer  # noqa: E402  (needs ffcv only when called)
-from data_prep.ffcv_writer import FFCVParams, read_images  # noqa: E402
+from data_prep.ffcv_writer import FFCVParams  # noqa: E402
+from shards.ffcv_files import read_images  # noqa: E402
 
 RAW = FFCVParams(compress_probability=0.0)  # raw pixels: the round trip is exact
 
@@ -43,6 +44,7 @@ def beton_samples(directory: Path, split: str) -> list[tuple[str, np.ndarray, in
     return [(name, pixels, label) for name, (_, pixels, label) in zip(names, images)]
 
 
+@pytest.mark.slow
 def test_round_trip_of_every_image_and_label_from_class_folders(tmp_path):
     train = class_folders(tmp_path / "train", {"dog": 6, "cat": 5, "emu": 4}, seed=1)
     val = class_folders(tmp_path / "val", {"dog": 2, "cat": 3, "emu": 1}, seed=2)
@@ -104,6 +106,7 @@ def test_jpeg_storage_and_max_resolution(tmp_path):
     assert error < 12  # stored as JPEG of quality 95 (random pixels are JPEG's worst case)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_skipped_and_recorded(tmp_path):
     root = tmp_path / "train"
     good = class_folders(root, {"a": 3, "b": 3}, seed=4)
@@ -131,6 +134,7 @@ def test_bad_inputs_are_skipped_and_recorded(tmp_path):
     assert result.returncode == 2 and str(tmp_path / "missing") in result.stderr
 
 
+@pytest.mark.slow
 def test_from_shards_keeps_their_order_labels_and_skip_records(tiny_data, tmp_path):
     out = tmp_path / "ffcv"
     result = subprocess.run([sys.executable, "-m", "data_prep", "ffcv", "--from-shards", str(tiny_data), "--out", str(out),
@@ -169,10 +173,11 @@ def test_from_raw_pixel_shards_is_lossless(tmp_path):
         np.testing.assert_array_equal(pixels, want, err_msg=name)
 
 
+@pytest.mark.slow
 def test_training_order_gives_each_rank_its_own_equal_part(tmp_path):
     """FFCV's DistributedSampler order pads; ours gives disjoint equal slices of one permutation."""
-    from pipeline.data import Shard, PreparedData
-    from pipeline.ffcv_data import FFCVInput
+    from pipeline.data.ffcv_input import FFCVInput
+    from pipeline.data.prepared import PreparedData, Shard
 
     root = tmp_path / "train"
     class_folders(root, {"a": 13, "b": 12}, seed=5)  # 25 images: not a multiple of 2 ranks x batch 4
@@ -200,6 +205,7 @@ def test_training_order_gives_each_rank_its_own_equal_part(tmp_path):
     assert counts == [12, 13]
 
 
+@pytest.mark.slow
 def test_trainer_refuses_mismatched_format_and_names_the_install_steps(tiny_data, tmp_path):
     base = [str(ROOT / "train.py"), *TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "train.max_steps=1"]
     result = subprocess.run([sys.executable, *base, "data.format=ffcv"], cwd=tmp_path, env=subprocess_env(),
@@ -221,6 +227,7 @@ def tiny_ffcv(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_from_ffcv_with_exact_validation(tiny_ffcv, tmp_path):
     result = launch(2, *TINY, f"data.dir={tiny_ffcv}", "data.format=ffcv", f"output_dir={tmp_path}", "name=ffcv",
                     "schedule.epochs=2", cwd=tmp_path)
@@ -233,7 +240,7 @@ def test_two_processes_train_from_ffcv_with_exact_validation(tiny_ffcv, tmp_path
         assert 0 <= r["val_top5_error"] <= r["val_top1_error"] <= 1
 
     # the paper's test-time crops read the whole stored images from val.beton, over 2 processes
-    result = run_module("pipeline.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "10",
+    result = run_module("pipeline.inference.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "10",
                         "--workers", "1", cwd=tmp_path, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ffcv" / "eval-10crops.json").read_text())
@@ -241,7 +248,7 @@ def test_two_processes_train_from_ffcv_with_exact_validation(tiny_ffcv, tmp_path
     assert [(r["models"], r["crops"]) for r in report["rows"]] == [(1, 1), (1, 10)]
     # the 1-crop evaluation is the trainer's own validation of that checkpoint, as from shards
     trainer = records[-1]
-    result = run_module("pipeline.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "1",
+    result = run_module("pipeline.inference.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "1",
                         "--workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     base = json.loads((tmp_path / "ffcv" / "eval-1crops.json").read_text())["rows"]
@@ -260,10 +267,10 @@ def test_the_evaluation_cuts_the_trainers_ffcv_validation_pixels(tiny_ffcv):
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
 
-    from pipeline.crops import ffcv_centre_crop
-    from pipeline.data import open_prepared
-    from pipeline.eval_data import CropStream, val_images
-    from pipeline.ffcv_data import FFCVInput
+    from pipeline.data.ffcv_input import FFCVInput
+    from pipeline.data.prepared import open_prepared
+    from pipeline.inference.crop_stream import CropStream, val_images
+    from pipeline.inference.multi_crop import ffcv_centre_crop
 
     data = open_prepared(tiny_ffcv)
     stored = set(Reader(str(tiny_ffcv / "val.beton")).metadata["f0"]["mode"].tolist())
@@ -294,6 +301,7 @@ DEMO_SHORT = ["model.name=googlenet_bn", "schedule.epochs=3", "schedule.warmup_e
               "train.image_grid=false"]
 
 
+@pytest.mark.slow
 def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
     """The demo's images as shards and as FFCV files, each trained briefly (``DEMO_SHORT``): both
     below chance (90% top-1, 50% top-5 error) and close to each other. Measured over seeds 0-3:

@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-
-from data_prep import augment
-from data_prep.plan import PrepParams
-from data_prep.writer import run
-from pipeline.config import ConfigError, load_config
-from pipeline.data import BadSampleError, open_prepared
-from pipeline.memory_data import MemoryInput, decode_split, resample, sample_boxes
 from test_archives import cifar10_archive
 
-CROP = augment.CropSpec(area=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
+from data_prep.plan import PrepParams
+from data_prep.writer import run
+from imaging.specs import CropSpec
+from pipeline.config import ConfigError, load_config
+from pipeline.data.memory_input import MemoryInput, decode_split, resample, sample_boxes
+from pipeline.data.prepared import BadSampleError, open_prepared
+
+CROP = CropSpec(area=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_resampling_crops_flips_and_upscales_like_plain_interpolation():
 
 def test_training_crops_cover_the_images_in_the_configured_share(cifar_shards):
     """Crops of a marked image, rendered by the loader: the share of the image each covers."""
-    source = memory_input(cifar_shards, crop=augment.CropSpec(area=(0.25, 1.0), flip=False), image_size=32)
+    source = memory_input(cifar_shards, crop=CropSpec(area=(0.25, 1.0), flip=False), image_size=32)
     # Replace the stored images by coordinate maps: red = 8 x column, green = 8 x row
     ys, xs = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
     marked = torch.stack([xs * 8, ys * 8, torch.zeros_like(xs)]).to(torch.uint8)
@@ -168,6 +168,7 @@ def test_raw_pixel_shards_come_back_exactly(tmp_path):
     assert labels.tolist() == [label for _, label in expected]
 
 
+@pytest.mark.slow
 def test_two_processes_train_from_memory_exactly_and_resume_to_the_same_weights(cifar_shards, tmp_path):
     """The real trainer with data.loader=memory, 2 processes: validation counts every test image
     once, and a run stopped after epoch 1 and resumed ends with the weights of an uninterrupted one."""

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-
-from data_prep import augment
-from pipeline import export as export_cli
-from pipeline import predict as predict_cli
-from pipeline.run_files import load_model
 from tiny_runs import run_module, train
+
+from imaging.crops import decode_center_crop
+from imaging.photometric import normalize
+from pipeline.inference import export as export_cli
+from pipeline.inference import predict as predict_cli
+from pipeline.inference.run_files import load_model
 
 MODELS = ("googlenet", "googlenet_bn", "alexnet")
 
@@ -37,6 +38,7 @@ def images(tiny_data) -> list[Path]:
     return sorted((tiny_data.parent / "images" / "val").glob("*.JPEG"))[:3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_predict_gives_the_top_classes_of_the_trainers_transform(name, runs, images, capsys):
     argv = ["--checkpoint", str(runs[name]), "--json", *map(str, images)]
@@ -44,9 +46,9 @@ def test_predict_gives_the_top_classes_of_the_trainers_transform(name, runs, ima
     classes = json.loads((runs[name] / "classes.json").read_text())
     loaded = load_model(runs[name])
     size = loaded.config.data.image_size
-    inputs = torch.stack([augment.decode_center_crop(p.read_bytes(), size, round(size * 256 / 224)) for p in images])
+    inputs = torch.stack([decode_center_crop(p.read_bytes(), size, round(size * 256 / 224)) for p in images])
     with torch.no_grad():
-        expected = loaded.model(augment.normalize(inputs.float() / 255)).softmax(dim=1)
+        expected = loaded.model(normalize(inputs.float() / 255)).softmax(dim=1)
     assert [r["image"] for r in results] == list(map(str, images))
     for result, probs in zip(results, expected):
         top = result["top"]
@@ -57,8 +59,9 @@ def test_predict_gives_the_top_classes_of_the_trainers_transform(name, runs, ima
         assert all(c["name"] == classes[c["index"]]["name"] and c["id"] == classes[c["index"]]["id"] for c in top)
 
 
+@pytest.mark.slow
 def test_predict_text_output_crops_other_images_and_errors(runs, images, tmp_path, capsys):
-    result = run_module("pipeline.predict", "--checkpoint", str(runs["googlenet_bn"]), "--ema", "--top", "2",
+    result = run_module("pipeline.inference.predict", "--checkpoint", str(runs["googlenet_bn"]), "--ema", "--top", "2",
                         str(images[0]), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -94,6 +97,7 @@ def test_exported_state_dict_loads_into_torchvision(runs, tmp_path, capsys):
     torchvision.models.alexnet(num_classes=4).load_state_dict(torch.load(alexnet, weights_only=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_and_onnx_give_the_models_outputs(name, runs, tmp_path):

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from imagefiles import class_folders, devkit_archive, ilsvrc_train_tar, image_bytes, tar_of
 from PIL import Image
 
 from data_prep import encode, verify
-from data_prep import manifest as manifest_mod
 from data_prep.plan import PrepParams
 from data_prep.sources import SourceError
 from data_prep.writer import run
-from imagefiles import class_folders, devkit_archive, ilsvrc_train_tar, image_bytes, tar_of
+from shards import manifest as manifest_mod
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -305,6 +305,7 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_array_tasks_plus_finalize_equal_a_single_run(tmp_path):
     class_folders(tmp_path / "train", {"a": 9, "b": 8, "c": 7})
     class_folders(tmp_path / "val", {"a": 2, "b": 2, "c": 2})
@@ -319,6 +320,7 @@ def test_array_tasks_plus_finalize_equal_a_single_run(tmp_path):
     assert (tmp_path / "single" / "manifest.json").read_bytes() == (tmp_path / "array" / "manifest.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_finalize_names_missing_shards(tmp_path):
     class_folders(tmp_path / "train", {"a": 6})
     common = ["shards", "--train", str(tmp_path / "train"), "--shard-size", "2", "--out", str(tmp_path / "o")]
@@ -327,6 +329,7 @@ def test_finalize_names_missing_shards(tmp_path):
     assert result.returncode == 2 and "1 of 3 shards are not complete (first: train-000001.tar)" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_kill_mid_run(tmp_path):
     class_folders(tmp_path / "train", {"a": 60, "b": 60})
     command = [sys.executable, "-m", "data_prep", "shards", "--train", str(tmp_path / "train"), "--shard-size", "4"]
@@ -382,6 +385,7 @@ def test_rerun_with_other_parameters_is_refused(tmp_path):
         prep(tmp_path, train=str(tmp_path / "train"), seed=9)
 
 
+@pytest.mark.slow
 def test_verify_accepts_good_shards_and_names_damage(tmp_path):
     class_folders(tmp_path / "train", {"a": 5, "b": 5})
     out, manifest = prep(tmp_path, train=str(tmp_path / "train"))
@@ -410,6 +414,7 @@ def flat_jpeg(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_oversized_image_is_stored_at_a_size_the_loader_reads(tmp_path):
     class_folders(tmp_path / "train", {"a": 2, "b": 2})
     (tmp_path / "train" / "a" / "huge.JPEG").write_bytes(flat_jpeg(BIG))

@@ -9,16 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-
 from conftest import ROOT
 
-from pipeline.checkpoint import BEST_FILE, STATE_FILE, CheckpointManager
 from pipeline.config import ConfigError, EmaConfig, OptimConfig, ScheduleConfig, load_config
+from pipeline.inference.run_files import MODEL_FILE, pick_checkpoint
 from pipeline.models import build_model
-from pipeline.recipe import BatchLayout, ema_decay, param_groups, scaled_lr
-from pipeline.run_files import MODEL_FILE, pick_checkpoint
-from pipeline.schedule import build_scheduler
-from pipeline.step import optimizer_step
+from pipeline.train.checkpoint import BEST_FILE, STATE_FILE, CheckpointManager
+from pipeline.train.recipe import BatchLayout, ema_decay, param_groups, scaled_lr
+from pipeline.train.schedule import build_scheduler
+from pipeline.train.step import optimizer_step
 
 LR = 0.8
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from pipeline.report import main, summarize, table
 from tiny_runs import run_module, train
+
+from pipeline.train.report import main, summarize, table
 
 EPOCHS = ["schedule.epochs=3", "model.name=googlenet_bn", "optim.lr=0.05", "ema.enabled=true"]
 PAUSE_S = 3.0
@@ -39,6 +39,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_the_table_matches_the_runs_metrics_and_the_pause_is_not_counted(resumed):
     summary = summarize(resumed)
     records = [r for r in metrics(resumed) if "val_top1_error" in r]
@@ -71,10 +72,11 @@ def event_times(run_dir: Path) -> tuple[float, list[float]]:
     return events.FirstEventTimestamp(), [e.wall_time for e in events.Scalars("val/top1_error")]
 
 
+@pytest.mark.slow
 def test_report_command_prints_the_table_and_saves_a_plot(resumed, tmp_path):
     png = tmp_path / "tta.png"
     clocked = clocked_records(tmp_path / "clocked")
-    result = run_module("pipeline.report", str(resumed), str(clocked), "--targets", "1", "91", "100",
+    result = run_module("pipeline.train.report", str(resumed), str(clocked), "--targets", "1", "91", "100",
                         "--plot", str(png), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -91,7 +93,7 @@ def test_report_command_prints_the_table_and_saves_a_plot(resumed, tmp_path):
         assert image.format == "PNG" and image.size[0] > 400
         image.verify()
 
-    ema = run_module("pipeline.report", str(resumed), "--weights", "ema", cwd=tmp_path)
+    ema = run_module("pipeline.train.report", str(resumed), "--weights", "ema", cwd=tmp_path)
     assert ema.returncode == 0, ema.stderr
     final_ema = metrics(resumed)[-1]["ema_val_top1_error"]
     assert ema.stdout.splitlines()[2].split()[-2] == f"{100 * (1 - final_ema):.2f}"

@@ -1,4 +1,4 @@
-"""The loader's resampling in C (``data_prep/resample.c``): Pillow's filters and arithmetic.
+"""The loader's resampling in C (``imaging/resample.c``): Pillow's filters and arithmetic.
 
 Checked bit for bit against a plain numpy transcription of Pillow's algorithm (weights in
 double, 22-bit fixed point, horizontal pass then vertical), and against Pillow itself: exactly
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import jpeg_region
+from imaging import jpeg_region
 
 PILLOW = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 SUPPORT = {"area": 0.5, "bilinear": 1.0, "bicubic": 2.0}

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT, subprocess_env
-from pipeline import run_lock
-from pipeline.run_lock import Holder, RunDirInUse, acquire
+
+from pipeline.ops import run_lock
+from pipeline.ops.run_lock import Holder, RunDirInUse, acquire
 
 HOST = socket.gethostname()
 
 # Takes the lock, says so, then holds it until killed.
 HOLD = """
 import sys, time
-from pipeline.run_lock import acquire
+from pipeline.ops.run_lock import acquire
 lock = acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(60)
@@ -36,7 +36,7 @@ time.sleep(60)
 RACE = """
 import os, sys, time
 from pathlib import Path
-from pipeline.run_lock import RunDirInUse, acquire
+from pipeline.ops.run_lock import RunDirInUse, acquire
 run_dir, go = Path(sys.argv[1]), Path(sys.argv[2])
 (go.parent / f"ready.{os.getpid()}").touch()
 while not go.exists():
@@ -179,6 +179,7 @@ def test_other_host_by_heartbeat_age(tmp_path, age_s, stale_after_s, taken):
     assert os.listdir(tmp_path) == ([] if taken else ["run.lock"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", ["dead pid", "silent host"])
 def test_race_of_takers_has_one_winner(tmp_path, stale):
     for round in range(3):

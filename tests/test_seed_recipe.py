@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from imagefiles import class_folders
-from pipeline.report import summarize
 from tiny_runs import run_module
+
+from pipeline.train.report import summarize
+
+pytestmark = pytest.mark.slow  # each test runs the seeds' training loop
 
 
 def test_smoke_run_writes_metrics_the_report_reads(tmp_path):

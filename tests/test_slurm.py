@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, subprocess_env
 from slurm_cluster import SlurmCluster, missing_binaries
 from test_train import TINY, final_weights, metrics, scalars
-
 
 # The same job for the uninterrupted and the preempted run: 2 nodes x 1 CPU process (gloo).
 JOB = [*TINY, "schedule.epochs=3", "data.workers=1", "ema.enabled=true", "train.log_every_steps=1"]
@@ -40,7 +38,7 @@ def events(run_dir: Path, tag: str):
 
 def submit(cluster: SlurmCluster, *args: str) -> tuple[str, str]:
     env = {**subprocess_env(), **cluster.env}
-    result = subprocess.run([sys.executable, "-m", "pipeline.slurm", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return re.search(r"submitted job (\d+)", result.stdout).group(1), result.stdout
@@ -56,7 +54,7 @@ def train_job(cluster, tiny_data, out: Path, name: str) -> tuple[str, Path]:
 
 def test_dry_run_renders_the_batch_script_with_quoted_arguments(tmp_path):
     odd = tmp_path / "it's a dir"
-    result = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--nodes", "3", "--gpus-per-node", "8",
+    result = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", "submit", "--nodes", "3", "--gpus-per-node", "8",
                              "--partition", "gpu", "--time", "1-00:00:00", "--account", "lab", "--dry-run",
                              f"output_dir={odd}", "optim.lr=0.1"], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=60)
@@ -69,11 +67,12 @@ def test_dry_run_renders_the_batch_script_with_quoted_arguments(tmp_path):
     assert "(sbatch argument) --output=" in script  # a path with a quote: passed on sbatch's command line
     assert """'output_dir=""" in script and "optim.lr=0.1" in script
     assert '--machine_rank "$SLURM_NODEID"' in script  # expanded per task, inside srun
-    bad = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--dry-run", "optim.lrr=1"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", "submit", "--dry-run", "optim.lrr=1"], cwd=ROOT,
                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown key 'optim.lrr'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "slurm runs 'quoted'"  # spaces and quotes survive
     submitted_at = time.time()
@@ -91,6 +90,7 @@ def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
     print(f"\nSLURM figure: submission to first training step {first_step - submitted_at:.1f}s", file=sys.stderr)
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_one(cluster, tiny_data, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "slurm runs 'quoted'"
     straight = out / "straight"
@@ -122,6 +122,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
     assert tensorboard.is_dir()
 
 
+@pytest.mark.slow
 def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
     from imagefiles import class_folders
 
@@ -132,7 +133,7 @@ def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
                             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     env = {**subprocess_env(), **cluster.env}
-    result = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit-prep", "--tasks", "3", "--",
+    result = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", "submit-prep", "--tasks", "3", "--",
                              *common, "--out", str(tmp_path / "array"), "--workers", "1"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

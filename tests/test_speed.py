@@ -11,15 +11,15 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, subprocess_env
-from data_prep import augment
-from data_prep.augment import PhotometricSpec
-from pipeline.device_augment import DeviceInput
+
+from imaging.photometric import BLEND_COLUMNS, blend_params, distort_normalize, normalize, photometric_distort
+from imaging.specs import IMAGENET_MEAN, IMAGENET_STD, PhotometricSpec
+from pipeline.data.device_augment import DeviceInput
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-MEAN = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 SPECS = [PhotometricSpec(lighting_std=0.1), PhotometricSpec(), PhotometricSpec(random_order=False),
          PhotometricSpec(brightness=None, saturation=(0.0, 2.0)), PhotometricSpec(None, None, None, lighting_std=0.2)]
 
@@ -37,18 +37,18 @@ def test_fused_distortion_equals_the_reference_for_the_same_draws(spec, layout):
     images = loader_batch()
     if layout == "contiguous":
         images = images.contiguous()
-    reference = augment.normalize(augment.photometric_distort(images, spec, torch.Generator().manual_seed(5)))
-    params = augment.blend_params(len(images), spec, torch.Generator().manual_seed(5))
-    fused = augment.distort_normalize(images, params, MEAN, STD)
+    reference = normalize(photometric_distort(images, spec, torch.Generator().manual_seed(5)))
+    params = blend_params(len(images), spec, torch.Generator().manual_seed(5))
+    fused = distort_normalize(images, params, MEAN, STD)
     assert fused.is_contiguous(memory_format=torch.channels_last) and fused.dtype == torch.float32
     torch.testing.assert_close(fused, reference, atol=1e-6, rtol=0)
 
 
 def test_fused_distortion_draws_differ_per_image_and_follow_the_generator():
     spec = PhotometricSpec(lighting_std=0.1)
-    a = augment.blend_params(64, spec, torch.Generator().manual_seed(1))
-    b = augment.blend_params(64, spec, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and a.shape == (64, augment.BLEND_COLUMNS)
+    a = blend_params(64, spec, torch.Generator().manual_seed(1))
+    b = blend_params(64, spec, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (64, BLEND_COLUMNS)
     assert len(set(a[:, 0].tolist())) == 64  # the factor at position 0 differs per image
     # every image has one contrast and one saturation position, and all orders occur
     assert torch.equal(a[:, 3:6].sum(1), torch.ones(64)) and torch.equal(a[:, 6:9].sum(1), torch.ones(64))
@@ -62,12 +62,12 @@ def test_device_input_gives_the_compute_dtype_and_memory_format():
     bf16 = DeviceInput("cpu", channels_last=True, mixed_precision="bf16", photometric=spec)
     out = bf16(images, torch.Generator().manual_seed(2))
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
-    reference = augment.normalize(augment.photometric_distort(images, spec, torch.Generator().manual_seed(2)))
+    reference = normalize(photometric_distort(images, spec, torch.Generator().manual_seed(2)))
     torch.testing.assert_close(out.float(), reference, atol=0.02, rtol=0.01)  # bf16 rounding only
     nchw = DeviceInput("cpu", channels_last=False)
     plain = nchw(images, distort=True)  # no photometric spec: normalised only
     assert plain.dtype == torch.float32 and plain.is_contiguous()
-    torch.testing.assert_close(plain, augment.normalize(images.float() / 255), atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain, normalize(images.float() / 255), atol=1e-6, rtol=0)
     assert torch.equal(bf16(images, distort=False).float(), plain.bfloat16().float())
 
 
@@ -76,12 +76,13 @@ COUNT_SCRIPT = """
 import collections, json, sys, torch
 from pathlib import Path
 from torch.overrides import TorchFunctionMode
-from data_prep.augment import PhotometricSpec
-from pipeline import tracking
+from imaging.specs import PhotometricSpec
+from pipeline.train import tracking
 from pipeline.config import load_config
-from pipeline.data import open_prepared
-from pipeline.device_augment import DeviceInput
-from pipeline.trainer import build_run, train_one_epoch
+from pipeline.data.prepared import open_prepared
+from pipeline.data.device_augment import DeviceInput
+from pipeline.train.run import build_run
+from pipeline.train.trainer import train_one_epoch
 
 # Reading a tensor's value on the host: on a GPU, each waits for the device to catch up.
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
@@ -123,6 +124,7 @@ print(json.dumps({"steps": run.progress.step, "calls": counter.calls}))
 """
 
 
+@pytest.mark.slow
 def test_the_update_loop_reads_no_tensor_on_the_host_between_log_lines(tiny_data, tmp_path):
     """Every call that reads a tensor's value on the host during an epoch of 12 updates, with the
     distortion on the device and the EMA on: none in the updates themselves (the EMA's included);
@@ -152,7 +154,7 @@ def test_the_ema_update_is_averagedmodels_without_host_reads():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from pipeline.models import build_model
-    from pipeline.trainer import update_ema
+    from pipeline.train.trainer import update_ema
 
     torch.manual_seed(0)
     model = build_model("googlenet_bn", 5)  # batch norm: integer buffers too
@@ -184,7 +186,7 @@ class OneProcess:
 
 
 def test_poll_answers_one_poll_after_the_signal_and_only_at_poll_steps():
-    from pipeline.preemption import REQUEUE, STOP, PreemptionWatch
+    from pipeline.ops.preemption import REQUEUE, STOP, PreemptionWatch
 
     watch, acc = PreemptionWatch(), OneProcess()
     answers = {}
@@ -232,14 +234,14 @@ def test_cuda_training_uses_fused_sgd_cudnn_benchmark_and_compile(tiny_data, tmp
     script = """
 import sys, torch
 from pipeline.config import load_config
-from pipeline.data import open_prepared
-from pipeline.trainer import build_run
+from pipeline.data.prepared import open_prepared
+from pipeline.train.run import build_run
 config = load_config(None, sys.argv[1:])
 run = build_run(config, open_prepared(config.data.dir))
 group = run.optimizer.optimizer.param_groups[0]
-from data_prep import augment
+from imaging.photometric import distort_normalize
 print(group["fused"], torch.backends.cudnn.benchmark, type(run.model).__name__,
-      run.device_input.transform is not augment.distort_normalize)  # compiled
+      run.device_input.transform is not distort_normalize)  # compiled
 """
     args = ["model.name=googlenet_bn", "data.image_size=32", "data.batch_size=4", "data.workers=0",
             f"data.dir={tiny_data}", f"output_dir={tmp_path}", "model.compile=true"]

@@ -163,6 +163,7 @@ def test_mean_colour_is_uninformative():
     assert acc < 1 / len(DESIGNS) + 0.08, acc
 
 
+@pytest.mark.slow
 def test_shapes_are_learnable():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, subprocess_env
 from pipeline.config import ConfigError, load_config
-from pipeline.metrics import Tally, topk_correct
-from pipeline.trainer import build_network
+from pipeline.train.metrics import Tally, topk_correct
+from pipeline.train.run import build_network
 
 # A small, fast recipe on the tiny dataset (4 classes, 96 training images).
 TINY = ["model.name=googlenet", "data.image_size=32", "data.batch_size=4", "data.workers=1",
@@ -78,6 +78,7 @@ def test_topk_error_on_known_logits():
     assert errors["loss"] == pytest.approx(1.0) and tally.count == 4
 
 
+@pytest.mark.slow
 def test_config_overrides_and_errors(tiny_data, tmp_path):
     config = load_config(ROOT / "configs/default.yaml", ["optim.lr=0.02", "data.batch_size=64", "data.augment.brightness=null"])
     assert (config.optim.lr, config.data.batch_size, config.data.augment.brightness) == (0.02, 64, None)
@@ -104,13 +105,14 @@ def test_config_overrides_and_errors(tiny_data, tmp_path):
 
 def test_scientific_notation_and_cpu_only_settings():
     assert load_config(None, ["optim.lr=1e-3", "optim.weight_decay=5e-5"]).optim.lr == 0.001
-    from pipeline.launch import make_accelerator
+    from pipeline.ops.launch import make_accelerator
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
             make_accelerator(load_config(None, ["train.mixed_precision=fp16"]))
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_layout_is_refused(tiny_data, tmp_path):
     common = [sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}",
               "name=layout", "train.max_steps=2"]
@@ -128,6 +130,7 @@ def test_every_recipe_loads():
         load_config(path)
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_and_log_to_tensorboard(tiny_data, tmp_path):
     result = launch(2, *TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "name=ddp",
                     "schedule.epochs=2", "ema.enabled=true", cwd=tmp_path)
@@ -168,6 +171,7 @@ def test_two_processes_train_together_and_log_to_tensorboard(tiny_data, tmp_path
         assert (run_dir / "checkpoints" / best[kind]["checkpoint"] / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_machines_on_one_host_form_one_group(tiny_data, tmp_path):
     port = free_port()
     args = [*TINY, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "name=nodes", "train.max_steps=3"]
@@ -194,6 +198,7 @@ def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
     return stderr
 
 
+@pytest.mark.slow
 def test_lr_and_ema_decay_follow_the_number_of_processes(tiny_data, tmp_path):
     """The same recipe and per-process batch on 1 and 2 processes: the lr doubles (linear
     scaling) and the EMA's per-update decay is squared (the same horizon in images)."""
@@ -214,6 +219,7 @@ def test_lr_and_ema_decay_follow_the_number_of_processes(tiny_data, tmp_path):
 EXACT = ["model.aux_logits=false", "model.dropout=0", "train.image_grid=false", "train.log_every_steps=1"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_with_no_sync_equals_the_larger_batch(tiny_data, tmp_path):
     """2 processes x 4 images x 2 accumulated micro-batches (the first without DDP's all-reduce)
     train the same weights as 2 processes x 8 images: each rank reads the same samples either way."""
@@ -227,6 +233,7 @@ def test_gradient_accumulation_with_no_sync_equals_the_larger_batch(tiny_data, t
         torch.testing.assert_close(accumulated[name], large[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_clipping_bf16_and_channels_last_against_a_reference_step(tiny_data, tmp_path):
     """One update from the same initial weights. fp32 with clipping is the reference: momentum
     starts from the gradient and there is no weight decay, so the update is lr x the clipped
@@ -256,10 +263,11 @@ def test_clipping_bf16_and_channels_last_against_a_reference_step(tiny_data, tmp
 
 SKIPPED_STEP_SCRIPT = """
 import json, sys, torch
-from pipeline import tracking
+from pipeline.train import tracking
 from pipeline.config import load_config
-from pipeline.data import open_prepared
-from pipeline.trainer import build_run, train_one_epoch
+from pipeline.data.prepared import open_prepared
+from pipeline.train.run import build_run
+from pipeline.train.trainer import train_one_epoch
 
 config = load_config(None, sys.argv[1:])
 run = build_run(config, open_prepared(config.data.dir))
@@ -290,6 +298,7 @@ def test_a_step_the_grad_scaler_skips_is_counted_and_not_averaged(tiny_data, tmp
     assert outcome == {"step": updates, "skipped": 1, "averaged": updates - 1, "scheduled": updates}
 
 
+@pytest.mark.slow
 def test_baked_copies_train_one_pass_per_epoch(baked_data, tmp_path):
     """Baked copies through the real trainer: an epoch is one pass over the 32 source images, not
     over the 96 baked samples (which copy each epoch reads is checked by key in test_data)."""

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-
 from conftest import ROOT, subprocess_env
 
 TINY = ["data.image_size=32", "data.batch_size=8", "data.workers=1", "data.shuffle_buffer=8", "schedule.name=cosine",

@@ -1,0 +1,3 @@
+"""Training: the objects of a run (``run``), the loop (``trainer``), one update (``step``), exact
+validation, the recipe at a scale, schedules, checkpoints, logging (``tracking``) and the
+time-to-accuracy report. The command line of ``train.py`` is ``cli``."""

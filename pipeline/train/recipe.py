@@ -1,0 +1,106 @@
+"""A recipe at a given scale: the batch layout, the learning rate and the EMA decay it implies.
+
+A recipe states its learning rate at a reference batch (``optim.lr`` at ``optim.lr_base_batch``
+images per update, as timm's ``lr_base``/``lr_base_size``) and its Polyak average as a horizon
+in epochs. Both are turned into per-update numbers here from the real batch (processes x
+per-process batch x accumulation), so the same recipe means the same training on 1 GPU, 8
+GPUs or 4 nodes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import Config, ConfigError, EmaConfig, OptimConfig
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How an epoch is cut into updates; every rank takes the same number of full batches."""
+
+    processes: int
+    batch_size: int  # per process and micro-batch
+    grad_accum: int
+    epoch_images: int  # one pass over the source images (baked copies counted once)
+    epochs: int
+    max_steps: int | None = None
+
+    @property
+    def images_per_update(self) -> int:
+        return self.processes * self.batch_size * self.grad_accum
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.epoch_images // self.images_per_update  # the remainder of each epoch is dropped
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Per process: micro-batches, ``grad_accum`` to an update."""
+        return self.updates_per_epoch * self.grad_accum
+
+    @property
+    def total_updates(self) -> int:
+        total = self.epochs * self.updates_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def check(self, where: str) -> None:
+        if self.updates_per_epoch < 1:
+            raise ConfigError(
+                f"data.batch_size: {self.batch_size} x {self.processes} processes x {self.grad_accum} accumulation "
+                f"exceeds the {self.epoch_images} training images in {where}"
+            )
+
+
+def layout_for(config: Config, processes: int, epoch_images: int) -> BatchLayout:
+    return BatchLayout(processes, config.data.batch_size, config.optim.grad_accum, epoch_images,
+                       config.schedule.epochs, config.train.max_steps)
+
+
+def scaled_lr(optim: OptimConfig, images_per_update: int) -> float:
+    """``optim.lr`` is right for ``optim.lr_base_batch`` images per update; scale it to the real
+    batch linearly (Goyal et al. 2017), by the square root, or not at all."""
+    ratio = images_per_update / optim.lr_base_batch
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
+    return optim.lr * factor
+
+
+def ema_decay(ema: EmaConfig, images_per_update: int, epoch_images: int) -> float:
+    """The per-update decay whose time constant is ``ema.horizon_epochs`` epochs of images: after
+    that many images, the weight of the average so far has fallen to 1/e, whatever the batch, the
+    number of processes or ``ema.every``."""
+    images_per_average = images_per_update * ema.every
+    return math.exp(-images_per_average / (ema.horizon_epochs * epoch_images))
+
+
+def _is_bias(name: str, param: torch.Tensor) -> bool:
+    return name.endswith(".bias") or name == "bias"
+
+
+def param_groups(model: torch.nn.Module, lr: float, optim: OptimConfig) -> list[dict]:
+    """Weights; biases (at ``bias_lr_factor`` x lr, as Caffe's ``lr_mult: 2``); normalisation
+    scales. Biases and norms are decayed only with ``decay_bias_and_norm``. Empty groups are left
+    out; the first group is always the weights, whose lr is the one logged."""
+    weights, biases, norms = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim > 1:
+            weights.append(p)
+        else:
+            (biases if _is_bias(name, p) else norms).append(p)
+    other_decay = optim.weight_decay if optim.decay_bias_and_norm else 0.0
+    groups = [
+        {"params": weights, "lr": lr, "weight_decay": optim.weight_decay},
+        {"params": biases, "lr": lr * optim.bias_lr_factor, "weight_decay": other_decay},
+        {"params": norms, "lr": lr, "weight_decay": other_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD over ``param_groups``; ``fused``: one kernel for all parameters (for CUDA), instead of
+    torch's default of a few per parameter group."""
+    return torch.optim.SGD(param_groups(model, lr, optim), lr=lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                           fused=fused or None)

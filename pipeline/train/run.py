@@ -1,0 +1,206 @@
+"""A training run's few objects, built from a configuration and the prepared data: the
+accelerator, the batch layout, the model (prepared for DDP), optimizer, schedule, EMA, the input
+and its device step, checkpoints, the preemption watch and the bad-sample policy.
+
+    run = build_run(config, data)     # then trainer.fit(run)
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from imaging.crops import eval_resize_for
+from imaging.specs import CropSpec, PhotometricSpec
+from pipeline.config import Config, ConfigError
+from pipeline.data.device_augment import DeviceInput
+from pipeline.data.prepared import PreparedData
+from pipeline.data.webdataset_input import EvalStream, TrainStream, WebDatasetInput
+from pipeline.models import build_model, load_torchvision_weights
+from pipeline.ops.launch import loader_workers, make_accelerator
+from pipeline.ops.preemption import PreemptionWatch
+from pipeline.ops.run_lock import RunLock
+
+from .bad_samples import BadSamples
+from .checkpoint import CheckpointManager
+from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr
+from .schedule import build_scheduler
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0  # updates done; each consumed its batches, also when fp16's GradScaler skipped it
+    skipped_steps: int = 0  # of those, updates not applied (inf/nan gradients in fp16), nor averaged
+    best: dict[str, float] = field(default_factory=dict)  # best validation top-1 error: model, ema
+
+
+@dataclass
+class Run:
+    config: Config
+    data: PreparedData
+    accelerator: Accelerator
+    layout: BatchLayout
+    lr: float  # optim.lr scaled to the real batch
+    model: torch.nn.Module  # prepared (DDP)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+    ema_decay: float | None
+    input: object  # WebDatasetInput or FFCVInput: train_batches(epoch, start_batch), val_batches()
+    device_input: DeviceInput  # loader batches -> network inputs (distorted there unless off or done in workers)
+    checkpoints: CheckpointManager
+    preemption: PreemptionWatch
+    bad_samples: BadSamples
+    progress: Progress = field(default_factory=Progress)
+    lock: RunLock | None = None  # the main process's hold on the run directory, while fit runs
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    def bare_model(self) -> torch.nn.Module:
+        """The model without DDP and torch.compile wrappers (for EMA, evaluation, checks)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(message, file=sys.stderr)
+
+    def layout_record(self) -> dict:
+        """What fixes the sequence of batches and the schedule: a resume must not change it."""
+        c, layout = self.config, self.layout
+        return {"processes": layout.processes, "batch_size": layout.batch_size, "grad_accum": layout.grad_accum,
+                "loader_workers": c.data.workers, "updates_per_epoch": layout.updates_per_epoch,
+                "schedule": dataclasses.asdict(c.schedule), "seed": c.seed}
+
+
+def build_network(config: Config, num_classes: int) -> torch.nn.Module:
+    """The model a run starts from: seeded, so every process (and a test) builds the same weights."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model.name, num_classes, config.model.aux_logits, config.model.dropout)
+    if config.model.weights:
+        try:
+            load_torchvision_weights(model, config.model.weights)
+        except ValueError as exc:
+            raise ConfigError(f"model.weights: {exc}") from exc
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_run(config: Config, data: PreparedData) -> Run:
+    c = config
+    accelerator = make_accelerator(c)
+    c.data.workers = loader_workers(c.data.workers, accelerator)  # resolved once: the batch order depends on it
+    baked = data.augment_copies > 0
+    if baked and data.augment_size != c.data.image_size:
+        raise ConfigError(
+            f"data.image_size: {c.data.image_size} but {data.directory} holds augmented copies of size "
+            f"{data.augment_size}; set data.image_size={data.augment_size}"
+        )
+    # An epoch is one pass over the source images, also when each is baked K times.
+    layout = layout_for(c, accelerator.num_processes, data.train_samples // max(1, data.augment_copies))
+    layout.check(str(data.directory))
+    lr = scaled_lr(c.optim, layout.images_per_update)
+
+    model = build_network(c, data.num_classes)
+    on_cuda = accelerator.device.type == "cuda"
+    # Not under fp16: with a fused optimizer the GradScaler lets it skip an overflowing update
+    # inside its kernel, and step_was_skipped no longer tells (the EMA would average the skip).
+    optimizer = build_optimizer(model, lr, c.optim, fused=on_cuda and c.train.mixed_precision != "fp16")
+    # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
+    scheduler = build_scheduler(optimizer, c.schedule, layout.updates_per_epoch)
+    compile_mode = c.model.compile_mode if c.model.compile and on_cuda else None
+    if c.model.compile and not on_cuda and accelerator.is_main_process:
+        tqdm.write("model.compile: on CUDA only; the model runs eagerly on the CPU", file=sys.stderr)
+    if compile_mode is not None:  # before prepare, so that DDP wraps the compiled module (no_sync works)
+        model = torch.compile(model, mode=compile_mode)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ema, decay = None, None
+    if c.ema.enabled:
+        decay = ema_decay(c.ema, layout.images_per_update, layout.epoch_images)
+        bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+        ema = AveragedModel(bare, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
+
+    a = c.data.augment
+    photometric = PhotometricSpec(
+        *(tuple(r) if r else None for r in (a.brightness, a.contrast, a.saturation)), a.random_order, a.lighting_std
+    )
+    distort = not baked and (any((a.brightness, a.contrast, a.saturation)) or a.lighting_std > 0)
+    # Batched on the GPU; without one, per image in the WebDataset loader workers, which run
+    # in parallel (the same code, hence the same distribution, either way). FFCV's pipeline
+    # has no place for it, so there it is always batched in the training process.
+    in_workers = (distort and accelerator.device.type == "cpu" and data.format == "webdataset"
+                  and c.data.loader == "webdataset")
+    run_input = make_input(c, data, accelerator, layout, photometric if in_workers else None)
+    return Run(
+        config=c, data=data, accelerator=accelerator, layout=layout, lr=lr, model=model, optimizer=optimizer,
+        scheduler=scheduler, ema=ema, ema_decay=decay, input=run_input,
+        device_input=DeviceInput(accelerator.device, channels_last=c.model.channels_last,
+                                 mixed_precision=c.train.mixed_precision,
+                                 photometric=photometric if distort and not in_workers else None,
+                                 compile_mode=compile_mode),
+        checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
+        preemption=PreemptionWatch().install(),
+        bad_samples=BadSamples(c.data.on_bad_sample, c.data.max_skipped_fraction, layout.epoch_images,
+                               data.directory, c.run_dir),
+    )
+
+
+def make_input(c: Config, data: PreparedData, accelerator: Accelerator, layout: BatchLayout,
+               photometric_in_workers: PhotometricSpec | None):
+    a = c.data.augment
+    crop = CropSpec(tuple(a.crop_area), tuple(a.crop_ratio), tuple(a.interpolations), a.flip) if a.crop else None
+    eval_resize = eval_resize_for(c.data.image_size, c.data.eval_resize)
+    eval_batch_size = c.data.eval_batch_size or 2 * c.data.batch_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if c.data.loader == "memory":
+        from pipeline.data.memory_input import MemoryInput
+
+        return MemoryInput(data, batch_size=c.data.batch_size, eval_batch_size=eval_batch_size,
+                           batches_per_epoch=layout.batches_per_epoch, rank=rank, world_size=world, seed=c.seed,
+                           image_size=c.data.image_size, eval_resize=eval_resize, crop=crop,
+                           device=accelerator.device, workers=c.data.workers)
+    if data.format == "ffcv":
+        from pipeline.data.ffcv_input import FFCVInput
+
+        if accelerator.is_main_process:
+            tqdm.write("data.format ffcv: crops are resized with OpenCV's INTER_AREA; "
+                       "data.augment.interpolations does not apply (see docs/ffcv.md)", file=sys.stderr)
+        return FFCVInput(
+            data, batch_size=c.data.batch_size, eval_batch_size=eval_batch_size,
+            batches_per_epoch=layout.batches_per_epoch, rank=rank, world_size=world,
+            seed=c.seed, workers=c.data.workers, image_size=c.data.image_size, eval_resize=eval_resize,
+            crop_area=crop.area if crop else None, crop_ratio=tuple(a.crop_ratio),
+            flip=crop is not None and crop.flip, os_cache=c.data.ffcv_os_cache,
+        )
+    train = TrainStream(
+        data.train, batch_size=c.data.batch_size, batches_per_epoch=layout.batches_per_epoch, rank=rank,
+        world_size=world, seed=c.seed, image_size=c.data.image_size, crop=crop, baked=data.augment_copies > 0,
+        shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric_in_workers,
+        interleave_shards=c.data.interleave_shards, num_classes=data.num_classes,
+    )
+    val = EvalStream(data.val, batch_size=eval_batch_size, rank=rank, world_size=world,
+                     image_size=c.data.image_size, resize=eval_resize, num_classes=data.num_classes)
+    return WebDatasetInput(train, val, c.data.workers, accelerator.device.type == "cuda")
+
+
+def describe(run: Run) -> str:
+    c, layout, acc, data = run.config, run.layout, run.accelerator, run.data
+    lr = (f"lr {run.lr:.6g} (optim.lr {c.optim.lr:g} at {c.optim.lr_base_batch} images, {c.optim.lr_scaling} "
+          f"scaling to {layout.images_per_update})")
+    ema = f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs)" if run.ema else ""
+    return (f"{c.model.name}: {data.train_samples} training / {data.val_samples} validation images, "
+            f"{data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}, "
+            f"{layout.updates_per_epoch} updates per epoch of {layout.images_per_update} images, "
+            f"{layout.total_updates} updates in all, {lr}{ema}")
