@@ -99,10 +99,8 @@ def entry_point(command: str) -> tuple[str, list[str]] | None:
         module = rest[1]
         if module.split(".")[0] in ("data_prep", "imaging", "shards", "pipeline", "benchmarks"):
             return module, rest[2:]
-    elif rest and rest[0].endswith(".py") and (ROOT / rest[0]).exists():
-        return rest[0], rest[1:]
     elif rest and rest[0].endswith(".py"):
-        return rest[0], rest[1:]  # a script that does not exist: reported by the test
+        return rest[0], rest[1:]  # a script: the test reports it if it does not exist
     return None
 
 
