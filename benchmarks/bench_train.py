@@ -4,7 +4,7 @@ JPEG shards.
 
     python benchmarks/bench_train.py [--batch 256] [--size 224] [--steps 50] [--warmup 20]
                                      [--no-compile] [--shards DIR | --synthetic-per-class 2000] [--epochs 3]
-                                     [--peak-tflops 989] [--smoke] [--json FILE]
+                                     [--peak-tflops 989] [--smoke] [--json FILE] [--keep-run DIR] [--log-every N]
 
 Rows of the table (every one a forward, backward and SGD step on ``--batch`` images of
 ``--size`` pixels, 1,000 classes):
@@ -33,7 +33,9 @@ peak (989 TFLOP/s for an H100 SXM; ``--peak-tflops`` for another device; n/a on 
 the fraction of the time spent waiting for data (end to end only) and the peak device memory.
 
 ``--smoke`` (the default without CUDA) runs tiny sizes in well under a minute on a CPU: it
-checks the harness, not the speed.
+checks the harness, not the speed. ``--keep-run DIR`` keeps the end-to-end run (``DIR/bench``: its
+metrics.jsonl and TensorBoard logs, with a throughput point every ``--log-every`` updates).
+``--json`` is written once the device-resident rows are measured, and again at the end.
 """
 from __future__ import annotations
 
@@ -62,12 +64,12 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data.device_augment import DeviceInput  # noqa: E402
 from pipeline.data.prepared import IGNORE_LABEL  # noqa: E402
 from pipeline.ops.launch import make_accelerator  # noqa: E402
+from pipeline.train.ema import update_ema  # noqa: E402
 from pipeline.train.metrics import Tally  # noqa: E402
 from pipeline.train.recipe import build_optimizer, scaled_lr  # noqa: E402
 from pipeline.train.run import build_network  # noqa: E402
 from pipeline.train.schedule import build_scheduler  # noqa: E402
 from pipeline.train.step import compute_loss, optimizer_step  # noqa: E402
-from pipeline.train.trainer import update_ema  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 REFERENCE = "torchvision reference"
@@ -240,6 +242,8 @@ def end_to_end_row(args, shards: Path, out: Path, flops_per_image: float) -> Row
     if args.smoke:
         overrides += ["data.workers=1", "data.shuffle_buffer=8", "data.eval_resize=36", "train.log_every_steps=4",
                       "train.mixed_precision=bf16"]
+    if args.log_every:
+        overrides.append(f"train.log_every_steps={args.log_every}")
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/imagenet_bn.yaml"), *overrides]
     result = subprocess.run(command, cwd=out, capture_output=True, text=True)
     if result.returncode != 0:
@@ -295,7 +299,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: 989 on an H100)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (the default without CUDA)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--keep-run", type=Path, help="run the end-to-end training in DIR/bench and keep it")
+    parser.add_argument("--log-every", type=int, help="the end-to-end run's train.log_every_steps")
     args = parser.parse_args(argv)
+    if args.keep_run and (args.keep_run / "bench").exists():  # train.py would resume it
+        parser.error(f"{args.keep_run / 'bench'} exists: remove it or keep the run elsewhere")
     cuda = torch.cuda.is_available()
     if args.smoke or not cuda:
         args.smoke = True
@@ -312,6 +320,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         "imagenet_bn.yaml", args, device, accelerator),
             project_row(f"googlenet (paper) (bf16{', compiled' if args.compile else ''})", "imagenet_paper.yaml",
                         args, device, accelerator)]
+
+    def write_json():
+        fill_ratios(rows, peak)
+        if args.json:
+            args.json.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "batch": args.batch,
+                                             "size": args.size, "rows": [asdict(r) for r in rows]}, indent=1))
+
+    write_json()  # the device-resident rows, kept should the end-to-end run be cut short
     if args.end_to_end:
         flops_per_image = rows[1].tflops * 1e12 / rows[1].images_per_sec
         with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -319,13 +335,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
             shards = args.shards or prepare_shards(tmp / "data", args)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the training process gets the device's memory
-            (tmp / "run").mkdir()
-            rows.append(end_to_end_row(args, shards, tmp / "run", flops_per_image))
-    fill_ratios(rows, peak)
+            run = args.keep_run or tmp / "run"
+            run.mkdir(parents=True, exist_ok=True)
+            rows.append(end_to_end_row(args, shards, run.resolve(), flops_per_image))
+    write_json()
     print(table(rows, device_name, peak, args.batch, args.size))
-    if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "peak_tflops": peak, "batch": args.batch,
-                                         "size": args.size, "rows": [asdict(r) for r in rows]}, indent=1))
     return rows
 
 

@@ -15,6 +15,8 @@ step, epoch, validation top-1/top-5 error, and ``train_seconds``, the clock from
 training step to the end of that epoch's validation, as the trainer's clock also includes its
 validations) and ``OUT/config.yaml`` (the model's name, for the table).
 
+``--time-limit S`` stops training when the clock reaches S seconds and evaluates then (the GPU
+report runs it for one minute); each record also has the epoch's training rate (``images_per_sec``).
 ``--smoke``: a few steps at 32 px on the CPU, to check that the loop runs (the tests do).
 """
 from __future__ import annotations
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes")
     parser.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (smoke runs)")
+    parser.add_argument("--time-limit", type=float,
+                        help="stop training once the clock passes this many seconds, then evaluate (one-minute runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="1 epoch of 3 steps at 32 px: checks that it runs")
     args = parser.parse_args(argv)
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (images, labels) in enumerate(train):
             if args.max_steps is not None and i >= args.max_steps:
                 break
+            if args.time_limit is not None and clock + time.perf_counter() - started >= args.time_limit:
+                break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = criterion(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -111,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             loss_sum += loss.item() * len(labels)
             seen += len(labels)
+        images_per_sec = seen / (time.perf_counter() - started)  # training alone (loss.item() waited for the device)
         top1, top5, count = evaluate(model, val, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         clock += time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1), "val_top1_error": top1,
-                  "val_top5_error": top5, "val_samples": count, "train_seconds": clock}
+                  "val_top5_error": top5, "val_samples": count, "train_seconds": clock, "train_images": seen,
+                  "images_per_sec": images_per_sec}
         with open(metrics, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         print(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f}, val top-1/top-5 error "
-              f"{top1:.4f}/{top5:.4f} on {count} images, {clock:.0f}s", file=sys.stderr)
+              f"{top1:.4f}/{top5:.4f} on {count} images, {images_per_sec:.0f} img/s, {clock:.0f}s", file=sys.stderr)
+        if args.time_limit is not None and clock >= args.time_limit:
+            break
     return 0
 
 

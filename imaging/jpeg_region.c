@@ -298,6 +298,13 @@ int jpeg_add_restarts(const unsigned char *data, unsigned long size, unsigned ch
 
 void jpeg_region_free(void *pointer) { free(pointer); }
 
+/* A hash of jpeg_region.c and resample.c, given by jpeg_region.py's build (-DSOURCE_HASH), so
+ * that a library built from other sources is refused at load instead of used silently. */
+#ifndef SOURCE_HASH
+#define SOURCE_HASH "unknown"
+#endif
+const char *jpeg_region_source_hash(void) { return SOURCE_HASH; }
+
 /* Decode rows top..top+rows-1 and at least columns left..left+columns-1 of the image scaled by
  * 1/scale (scale 1, 2, 4 or 8; coordinates in the scaled image) as RGB into ``out`` (``capacity``
  * bytes, room for rows x scaled width x 3). libjpeg widens the columns to whole MCUs: the decoded

@@ -7,6 +7,7 @@ range) before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,12 @@ from imaging.specs import INTERPOLATIONS
 
 REPO = Path(__file__).resolve().parents[1]  # recipes are found relative to it too
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's backends: inductor generates kernels (C++ on the CPU, Triton on CUDA); aot_eager
+# traces forward and backward without generating code (seconds instead of minutes: tests, debugging).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+# train.collective_timeout_s when null: a checkpoint write is the longest wait of an eager run;
+# compilation (the first step, and the recompiles of evaluation) takes minutes on many ranks.
+COLLECTIVE_TIMEOUT_S = {"eager": 300.0, "compiled": 1800.0}
 
 
 class ConfigError(ValueError):
@@ -32,8 +39,9 @@ class ModelConfig:
     aux_weight: float = 0.3  # total loss = main + aux_weight * (aux1 + aux2)
     dropout: float | None = None  # None: the model's default (0.4 for the paper's GoogLeNet)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model and the input transform (CUDA only; ignored on CPU)
+    compile: bool = False  # torch.compile the DDP-wrapped model and the input transform (CUDA and CPU)
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
+    compile_backend: str = "inductor"  # inductor, or aot_eager/eager (no code generation: fast to compile)
     weights: str | None = None  # a torchvision GoogLeNet state-dict file on disk to start googlenet_bn from
 
 
@@ -77,6 +85,9 @@ class OptimConfig:
     lr: float = 0.01  # at lr_base_batch images per update; scaled to the real one (see lr_scaling)
     lr_base_batch: int = 256  # the batch (all processes x batch_size x grad_accum) that lr is right for
     lr_scaling: str = "linear"  # linear, sqrt or none: how lr follows the real batch
+    # The largest batch the recipe's references trained at with this lr rule; beyond it the run
+    # warns (linear scaling held to 8,192 images on ImageNet in Goyal et al. 2017). null: no limit stated.
+    lr_max_batch: int | None = None
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 2e-4
@@ -91,7 +102,9 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "step"  # step (x gamma every step_epochs; the paper's 0.96 every 8), cosine, poly, constant
     epochs: int = 30
-    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor x lr
+    # Linear warm-up from warmup_start_factor x lr. null: as the batch needs it: none where the
+    # lr is scaled up at most 2x, else Goyal et al.'s 5 epochs (at most a tenth of the run).
+    warmup_epochs: float | None = None
     warmup_start_factor: float = 0.1
     step_epochs: float = 8.0  # the paper: 8; ResNet-style: 30
     gamma: float = 0.96  # the paper: 0.96; ResNet-style: 0.1
@@ -104,6 +117,9 @@ class EmaConfig:
     enabled: bool = False
     horizon_epochs: float = 2.0  # time constant of the average, in epochs; the per-update decay follows from the batch
     every: int = 1  # update the average every N optimizer steps
+    # Warm the decay up as timm does, min(decay, (1 + n) / (10 + n)) at the n-th average, so that
+    # the average follows the weights early instead of keeping the random initial ones.
+    warmup: bool = True
 
 
 @dataclass
@@ -117,7 +133,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
     # How long a process waits in a collective for the others before the job ends (a dead node,
     # a hung process). It must cover the longest legitimate wait: a checkpoint write, compilation.
-    collective_timeout_s: float = 300.0
+    # null: 300 s, or 1800 s with model.compile (see COLLECTIVE_TIMEOUT_S).
+    collective_timeout_s: float | None = None
     # Every N steps the processes agree on whether a stop signal arrived (without waiting for
     # the device); a signal is acted on within 2N steps, or at the end of the epoch.
     preemption_poll_steps: int = 10
@@ -139,13 +156,56 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def collective_timeout_s(self) -> float:
+        """``train.collective_timeout_s``, or its default for an eager or a compiled run."""
+        if self.train.collective_timeout_s is not None:
+            return self.train.collective_timeout_s
+        return COLLECTIVE_TIMEOUT_S["compiled" if self.model.compile else "eager"]
+
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+@dataclass(frozen=True)
+class Override:
+    """A ``key=value`` from the command line: its text, and the text read as YAML. A key whose
+    type is str takes the text as typed (``name=2024``, ``train.mixed_precision=no``)."""
+
+    text: str
+    parsed: Any
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2's booleans (true/false only): in YAML 1.1, ``no``, ``off`` and ``yes`` are
+    booleans, so ``mixed_precision: no`` (Accelerate's own spelling) would not be a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+YAML11_BOOLEANS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def _accepts_str(tp) -> bool:
+    return tp is str or str in typing.get_args(tp)
+
+
 def _coerce(value: Any, tp, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (int accepted for float), or raise."""
+    if isinstance(value, Override):  # a number or a boolean where a string is wanted: the text as typed
+        scalar = isinstance(value.parsed, (bool, int, float))
+        value = value.text if _accepts_str(tp) and scalar else value.parsed
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -167,6 +227,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
+    if tp is bool and isinstance(value, str) and value.lower() in YAML11_BOOLEANS:  # as YAML 1.1 reads them
+        return YAML11_BOOLEANS[value.lower()]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -202,8 +264,9 @@ def _build(cls, values: dict, prefix: str = ""):
     instance = cls()
     for key, value in values.items():
         where = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, str) and (where, value) in REPLACED_VALUES:
-            raise ConfigError(REPLACED_VALUES[where, value])
+        text = value.text if isinstance(value, Override) else value
+        if isinstance(text, str) and (where, text) in REPLACED_VALUES:
+            raise ConfigError(REPLACED_VALUES[where, text])
         setattr(instance, key, _coerce(value, hints[key], where))
     return instance
 
@@ -212,7 +275,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=0.02")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    raw = raw.strip()
+    return key.strip().split("."), Override(raw, read_yaml(raw) if raw else None)
 
 
 def _merge(base: dict, path: list[str], value: Any) -> None:
@@ -231,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
         if not isinstance(values, dict):
@@ -287,6 +351,8 @@ def validate(c: Config) -> None:
     o = c.optim
     _check(o.lr > 0, "optim.lr", o.lr, "> 0")
     _check(o.lr_base_batch >= 1, "optim.lr_base_batch", o.lr_base_batch, ">= 1")
+    _check(o.lr_max_batch is None or o.lr_max_batch >= o.lr_base_batch, "optim.lr_max_batch", o.lr_max_batch,
+           "null or >= optim.lr_base_batch")
     _check(o.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", o.lr_scaling, "linear, sqrt or none")
     _check(o.bias_lr_factor > 0, "optim.bias_lr_factor", o.bias_lr_factor, "> 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "[0, 1)")
@@ -297,7 +363,8 @@ def validate(c: Config) -> None:
     s = c.schedule
     _check(s.name in ("step", "cosine", "poly", "constant"), "schedule.name", s.name, "step, cosine, poly or constant")
     _check(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
-    _check(0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs, "[0, schedule.epochs)")
+    _check(s.warmup_epochs is None or 0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+           "null or [0, schedule.epochs)")
     _check(0 < s.warmup_start_factor <= 1, "schedule.warmup_start_factor", s.warmup_start_factor, "(0, 1]")
     _check(s.step_epochs > 0, "schedule.step_epochs", s.step_epochs, "> 0")
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "(0, 1]")
@@ -314,7 +381,10 @@ def validate(c: Config) -> None:
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
     _check(t.preemption_poll_steps >= 1, "train.preemption_poll_steps", t.preemption_poll_steps, ">= 1")
     _check(c.model.compile_mode in COMPILE_MODES, "model.compile_mode", c.model.compile_mode, ", ".join(COMPILE_MODES))
-    _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, ">= 1")
+    _check(c.model.compile_backend in COMPILE_BACKENDS, "model.compile_backend", c.model.compile_backend,
+           ", ".join(COMPILE_BACKENDS))
+    _check(t.collective_timeout_s is None or t.collective_timeout_s >= 1, "train.collective_timeout_s",
+           t.collective_timeout_s, "null or >= 1")
 
 
 def to_dict(config: Config) -> dict:

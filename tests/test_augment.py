@@ -489,6 +489,7 @@ def test_lighting_offsets_follow_pca():
     torch.testing.assert_close(alpha, drawn, atol=2e-3, rtol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_photometric_device_independent():
     spec = PhotometricSpec(lighting_std=0.1)

@@ -17,7 +17,12 @@ from imaging.photometric import BLEND_COLUMNS, blend_params, distort_normalize, 
 from imaging.specs import IMAGENET_MEAN, IMAGENET_STD, PhotometricSpec
 from pipeline.data.device_augment import DeviceInput
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def cuda(test):
+    """Needs a CUDA GPU: marked ``cuda`` (``pytest -m cuda`` runs these), skipped without one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 SPECS = [PhotometricSpec(lighting_std=0.1), PhotometricSpec(), PhotometricSpec(random_order=False),
@@ -154,7 +159,7 @@ def test_the_ema_update_is_averagedmodels_without_host_reads():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from pipeline.models import build_model
-    from pipeline.train.trainer import update_ema
+    from pipeline.train.ema import update_ema
 
     torch.manual_seed(0)
     model = build_model("googlenet_bn", 5)  # batch norm: integer buffers too
@@ -167,7 +172,7 @@ def test_the_ema_update_is_averagedmodels_without_host_reads():
         optimizer.step()
         optimizer.zero_grad()
         reference.update_parameters(model)
-        update_ema(ours, model, decay)
+        update_ema(ours, model, decay, warmup=False)
     expected, got = reference.state_dict(), ours.state_dict()
     assert int(got["n_averaged"]) == 3 and not torch.equal(got["module.fc.weight"], model.fc.weight)
     for name in expected:

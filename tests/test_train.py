@@ -274,7 +274,11 @@ run = build_run(config, open_prepared(config.data.dir))
 # fp16 on a GPU gives Accelerate a GradScaler; on the CPU, torch's CPU GradScaler stands in.
 from accelerate.optimizer import AcceleratedOptimizer
 run.accelerator.scaler = torch.amp.GradScaler("cpu")
-run.optimizer = AcceleratedOptimizer(run.optimizer.optimizer, device_placement=False, scaler=run.accelerator.scaler)
+sgd = run.optimizer.optimizer  # as build_run makes it under fp16: not fused (fused SGD skips inside its kernel)
+sgd._step_supports_amp_scaling = False
+for group in sgd.param_groups:
+    group["fused"] = False
+run.optimizer = AcceleratedOptimizer(sgd, device_placement=False, scaler=run.accelerator.scaler)
 poisoned_step = 2
 run.bare_model().register_forward_pre_hook(
     lambda module, inputs: (inputs[0] * float("inf"),) if run.progress.step == poisoned_step else None)

@@ -22,10 +22,10 @@ COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 class DeviceInput:
     def __init__(self, device: torch.device, *, channels_last: bool, mixed_precision: str = "no",
-                 photometric: PhotometricSpec | None = None, compile_mode: str | None = None):
+                 photometric: PhotometricSpec | None = None, compile_mode: str | None = None,
+                 compile_backend: str = "inductor"):
         """``photometric``: distort training batches here (None: not at all, or in the loader
-        workers). ``compile_mode``: torch.compile's mode for the transform, on CUDA only
-        (None: eager)."""
+        workers). ``compile_mode``: torch.compile's mode for the transform (None: eager)."""
         self.device = torch.device(device)
         self.photometric = photometric
         self.dtype = COMPUTE_DTYPES[mixed_precision]
@@ -33,10 +33,11 @@ class DeviceInput:
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self.transform = distort_normalize
-        if compile_mode is not None and self.device.type == "cuda":
-            # Static shapes: the training batch never changes; a short last validation batch
-            # costs one more compilation.
-            self.transform = torch.compile(distort_normalize, mode=compile_mode, dynamic=False)
+        if compile_mode is not None:
+            # Static shapes: the training batch never changes; validation's batch size and its
+            # short last batch cost one more compilation each.
+            self.transform = torch.compile(distort_normalize, mode=compile_mode, backend=compile_backend,
+                                           dynamic=False)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None, *,
                  distort: bool = True) -> torch.Tensor:

@@ -78,11 +78,17 @@ def decode_shard(shard: Shard, num_classes: int) -> DecodedShard:
     return DecodedShard(shard.url, stacked, np.asarray(labels, dtype=np.int64))
 
 
+def decode_pool(processes: int):
+    """Decode processes started by a fork server: the training process already runs the process
+    group's (and CUDA's) threads, and a fork copies their locks in whatever state they are in."""
+    return multiprocessing.get_context("forkserver").Pool(processes)
+
+
 def decode_split(shards: list[Shard], workers: int, where: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All shards of a split, in order: (uint8 [N, 3, H, W], int64 [N]) in host memory."""
     decode = functools.partial(decode_shard, num_classes=num_classes)
     if workers > 0 and len(shards) > 1:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(shards))) as pool:
+        with decode_pool(min(workers, len(shards))) as pool:
             decoded = pool.map(decode, shards)
     else:
         decoded = [decode(s) for s in shards]

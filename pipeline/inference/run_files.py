@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.models import build_model, load_torchvision_weights, use_torchvision_input
-from pipeline.train.checkpoint import BEST_FILE, CLASSES_FILE, STATE_FILE, CheckpointManager
+from pipeline.train.checkpoint import BEST_FILE, CLASSES_FILE, STATE_FILE, CheckpointManager, bare_keys
 from shards.manifest import PrepError, load_manifest
 
 CONFIG_FILE = "config.yaml"
@@ -102,11 +102,6 @@ def pick_checkpoint(run_dir: Path, which: str, ema: bool = False) -> Path:
     return path
 
 
-def _bare_keys(state: dict) -> dict:
-    # torch.compile wraps the model as _orig_mod; its checkpoints keep that prefix.
-    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
 def _ema_state(checkpoint: Path, run_dir: Path, config: Config) -> dict:
     """The EMA's weights from a checkpoint: the custom object whose state has ``n_averaged``
     (torch's ``AveragedModel``), with its ``module.`` prefix taken off."""
@@ -118,7 +113,7 @@ def _ema_state(checkpoint: Path, run_dir: Path, config: Config) -> dict:
         except Exception:
             continue  # the scheduler's state, or anything else that is not plain tensors
         if isinstance(state, dict) and "n_averaged" in state:
-            return _bare_keys({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+            return bare_keys({k: v for k, v in state.items() if k != "n_averaged"})
     raise RunError(f"{checkpoint}: no EMA state among its custom_checkpoint_*.pkl files")
 
 
@@ -140,7 +135,7 @@ def load_model(path: str | Path, which: str = "best", ema: bool = False,
         raise RunError(f"{run_dir / CONFIG_FILE}: {exc}") from exc
     classes = read_classes(run_dir, config)
     model = build_for(config, classes)
-    state = _ema_state(checkpoint, run_dir, config) if ema else _bare_keys(load_file(checkpoint / MODEL_FILE))
+    state = _ema_state(checkpoint, run_dir, config) if ema else bare_keys(load_file(checkpoint / MODEL_FILE))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
 
 from pipeline.config import Config, ConfigError
 
@@ -24,7 +24,11 @@ def on_every_rank(exc: BaseException) -> BaseException:
     return exc
 
 
-def make_accelerator(config: Config) -> Accelerator:
+def make_accelerator(config: Config, *, compile_model: bool = False) -> Accelerator:
+    """``compile_model``: let ``prepare`` torch.compile the model after wrapping it in DDP, as
+    torch documents for DDP (the compiled graph is split at DDP's gradient buckets, so their
+    all-reduce overlaps the backward); only ``model.compile`` decides, not Accelerate's
+    environment or config file."""
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # A NCCL collective that times out aborts the communicator and ends the process (instead of
@@ -37,7 +41,9 @@ def make_accelerator(config: Config) -> Accelerator:
         mixed_precision=config.train.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))],
+        dynamo_plugin=TorchDynamoPlugin(backend=config.model.compile_backend, mode=config.model.compile_mode)
+        if compile_model else TorchDynamoPlugin(backend="no"),
     )
     if accelerator.device.type == "cuda":
         # Shapes are static within a run: let cuDNN time its algorithms once per shape and keep

@@ -37,6 +37,41 @@ def write_classes(run_dir: Path, classes: list[dict]) -> None:
     atomic_write_json(Path(run_dir) / CLASSES_FILE, classes)
 
 
+# The wrappers' prefixes: DDP's module., torch.compile's _orig_mod. (checkpoints of earlier versions have them).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def bare_keys(state: dict) -> dict:
+    """A state dict with the keys of the bare module, whatever wrapped it when it was saved."""
+    def bare(key: str) -> str:
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        return key
+    return {bare(k): v for k, v in state.items()}
+
+
+def save_plain_weights(accelerator) -> None:
+    """Make ``save_state``/``load_state`` write and read the bare module's weights: Accelerate
+    saves the prepared model's own state dict, whose keys carry ``module.`` under DDP and
+    ``_orig_mod.`` when compiled. Plain keys resume across a change of ``model.compile`` and
+    load into torchvision's model as they are."""
+    from safetensors.torch import load_file
+
+    def save(models, weights, output_dir) -> None:
+        for i, model in enumerate(models):
+            weights[i] = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
+
+    def load(models, input_dir) -> None:
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+            state = bare_keys(load_file(path))  # on the CPU; load_state_dict copies to the device
+            accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(state)
+        models.clear()  # loaded: Accelerate loads what remains in the list
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
 class NoSpaceForCheckpoint(RuntimeError):
     """A checkpoint did not fit on its disk; the message names the path and the space needed."""
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         fail(f"no space left on device writing {exc.filename or 'the run directory'} ({exc.strerror})", EXIT_NO_SPACE)
     except RuntimeError as exc:
-        message = collective_failure(exc, config.train.collective_timeout_s)
+        message = collective_failure(exc, config.collective_timeout_s)
         if message is None:
             raise
         fail(message, EXIT_PEER)

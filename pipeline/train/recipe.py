@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import Config, ConfigError, EmaConfig, OptimConfig
+from pipeline.config import Config, ConfigError, EmaConfig, OptimConfig, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,47 @@ def layout_for(config: Config, processes: int, epoch_images: int) -> BatchLayout
                        config.schedule.epochs, config.train.max_steps)
 
 
-def scaled_lr(optim: OptimConfig, images_per_update: int) -> float:
-    """``optim.lr`` is right for ``optim.lr_base_batch`` images per update; scale it to the real
-    batch linearly (Goyal et al. 2017), by the square root, or not at all."""
+def lr_factor(optim: OptimConfig, images_per_update: int) -> float:
+    """How much the real batch scales ``optim.lr``: linearly (Goyal et al. 2017), by the square
+    root, or not at all."""
     ratio = images_per_update / optim.lr_base_batch
-    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
-    return optim.lr * factor
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim.lr_scaling]
+
+
+def scaled_lr(optim: OptimConfig, images_per_update: int) -> float:
+    """``optim.lr`` is right for ``optim.lr_base_batch`` images per update; scaled to the real batch."""
+    return optim.lr * lr_factor(optim, images_per_update)
+
+
+# Goyal et al. 2017 warm up for 5 epochs whenever the lr is scaled up for a large batch; up to 2x
+# the recipe's own batch (8 GPUs of a recipe stated for 4, say) the lr needs none.
+AUTO_WARMUP_EPOCHS, AUTO_WARMUP_ABOVE_FACTOR = 5.0, 2.0
+
+
+def warmup_epochs(schedule: ScheduleConfig, optim: OptimConfig, images_per_update: int) -> float:
+    """``schedule.warmup_epochs``, or where it is null what the batch needs: none unless the lr
+    is scaled up more than 2x, else Goyal et al.'s 5 epochs (at most a tenth of the run)."""
+    if schedule.warmup_epochs is not None:
+        return schedule.warmup_epochs
+    if lr_factor(optim, images_per_update) <= AUTO_WARMUP_ABOVE_FACTOR:
+        return 0.0
+    return min(AUTO_WARMUP_EPOCHS, schedule.epochs / 10)
+
+
+def scaling_warnings(optim: OptimConfig, schedule: ScheduleConfig, images_per_update: int) -> list[str]:
+    """What a run at this batch does that the recipe's references do not support."""
+    factor, lr = lr_factor(optim, images_per_update), scaled_lr(optim, images_per_update)
+    warnings = []
+    if optim.lr_max_batch is not None and images_per_update > optim.lr_max_batch:
+        warnings.append(
+            f"optim.lr: {images_per_update} images per update is beyond the {optim.lr_max_batch} that this recipe's "
+            f"references trained at (optim.lr_max_batch); {optim.lr_scaling} scaling gives lr {lr:.4g}, which they "
+            f"do not support: compare with a run at {optim.lr_max_batch} images, or use a smaller batch")
+    if schedule.warmup_epochs == 0 and factor > AUTO_WARMUP_ABOVE_FACTOR:
+        warnings.append(
+            f"schedule.warmup_epochs: 0, but the lr is scaled {factor:.3g}x to {lr:.4g} for {images_per_update} images "
+            f"per update; large batches need a warm-up (Goyal et al. 2017: 5 epochs); null chooses one")
+    return warnings
 
 
 def ema_decay(ema: EmaConfig, images_per_update: int, epoch_images: int) -> float:
@@ -100,7 +135,7 @@ def param_groups(model: torch.nn.Module, lr: float, optim: OptimConfig) -> list[
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD over ``param_groups``; ``fused``: one kernel for all parameters (for CUDA), instead of
-    torch's default of a few per parameter group."""
+    """SGD over ``param_groups``; ``fused``: one kernel for all parameters (CUDA and CPU),
+    instead of torch's default of a few per parameter group."""
     return torch.optim.SGD(param_groups(model, lr, optim), lr=lr, momentum=optim.momentum, nesterov=optim.nesterov,
                            fused=fused or None)

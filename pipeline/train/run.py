@@ -17,6 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from imaging.crops import eval_resize_for
+from imaging.jpeg_region import native_status
 from imaging.specs import CropSpec, PhotometricSpec
 from pipeline.config import Config, ConfigError
 from pipeline.data.device_augment import DeviceInput
@@ -28,8 +29,8 @@ from pipeline.ops.preemption import PreemptionWatch
 from pipeline.ops.run_lock import RunLock
 
 from .bad_samples import BadSamples
-from .checkpoint import CheckpointManager
-from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr
+from .checkpoint import CheckpointManager, save_plain_weights
+from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr, scaling_warnings, warmup_epochs
 from .schedule import build_scheduler
 
 
@@ -54,6 +55,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: AveragedModel | None
     ema_decay: float | None
+    warmup_epochs: float  # schedule.warmup_epochs, or the one the batch needs where it is null
     input: object  # WebDatasetInput or FFCVInput: train_batches(epoch, start_batch), val_batches()
     device_input: DeviceInput  # loader batches -> network inputs (distorted there unless off or done in workers)
     checkpoints: CheckpointManager
@@ -61,6 +63,7 @@ class Run:
     bad_samples: BadSamples
     progress: Progress = field(default_factory=Progress)
     lock: RunLock | None = None  # the main process's hold on the run directory, while fit runs
+    loader_ran_out: int | None = None  # the epoch in which this process's loader ran short (the run then stops)
 
     @property
     def run_dir(self) -> Path:
@@ -72,7 +75,12 @@ class Run:
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(message, file=sys.stderr)
+            self.log_any(message)
+
+    @staticmethod
+    def log_any(message: str) -> None:
+        """A line from this process, whichever it is."""
+        tqdm.write(message, file=sys.stderr)
 
     def layout_record(self) -> dict:
         """What fixes the sequence of batches and the schedule: a resume must not change it."""
@@ -98,7 +106,7 @@ def build_network(config: Config, num_classes: int) -> torch.nn.Module:
 
 def build_run(config: Config, data: PreparedData) -> Run:
     c = config
-    accelerator = make_accelerator(c)
+    accelerator = make_accelerator(c, compile_model=c.model.compile)
     c.data.workers = loader_workers(c.data.workers, accelerator)  # resolved once: the batch order depends on it
     baked = data.augment_copies > 0
     if baked and data.augment_size != c.data.image_size:
@@ -110,23 +118,24 @@ def build_run(config: Config, data: PreparedData) -> Run:
     layout = layout_for(c, accelerator.num_processes, data.train_samples // max(1, data.augment_copies))
     layout.check(str(data.directory))
     lr = scaled_lr(c.optim, layout.images_per_update)
+    if accelerator.is_main_process:
+        for warning in scaling_warnings(c.optim, c.schedule, layout.images_per_update):
+            tqdm.write(f"warning: {warning}", file=sys.stderr)
 
     model = build_network(c, data.num_classes)
-    on_cuda = accelerator.device.type == "cuda"
     # Not under fp16: with a fused optimizer the GradScaler lets it skip an overflowing update
     # inside its kernel, and step_was_skipped no longer tells (the EMA would average the skip).
-    optimizer = build_optimizer(model, lr, c.optim, fused=on_cuda and c.train.mixed_precision != "fp16")
+    optimizer = build_optimizer(model, lr, c.optim, fused=c.train.mixed_precision != "fp16")
     # The scheduler stays out of prepare(): a prepared scheduler steps once per process per call.
-    scheduler = build_scheduler(optimizer, c.schedule, layout.updates_per_epoch)
-    compile_mode = c.model.compile_mode if c.model.compile and on_cuda else None
-    if c.model.compile and not on_cuda and accelerator.is_main_process:
-        tqdm.write("model.compile: on CUDA only; the model runs eagerly on the CPU", file=sys.stderr)
-    if compile_mode is not None:  # before prepare, so that DDP wraps the compiled module (no_sync works)
-        model = torch.compile(model, mode=compile_mode)
+    warmup = warmup_epochs(c.schedule, c.optim, layout.images_per_update)
+    schedule = dataclasses.replace(c.schedule, warmup_epochs=warmup)
+    scheduler = build_scheduler(optimizer, schedule, layout.updates_per_epoch)
+    # DDP, then torch.compile of the DDP module where model.compile is on (make_accelerator).
     model, optimizer = accelerator.prepare(model, optimizer)
+    save_plain_weights(accelerator)  # checkpoints hold the bare module's keys, compiled or not
     accelerator.register_for_checkpointing(scheduler)
     ema, decay = None, None
-    if c.ema.enabled:
+    if c.ema.enabled:  # of the bare module: one more model, not one more compilation
         decay = ema_decay(c.ema, layout.images_per_update, layout.epoch_images)
         bare = accelerator.unwrap_model(model, keep_torch_compile=False)
         ema = AveragedModel(bare, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
@@ -145,11 +154,12 @@ def build_run(config: Config, data: PreparedData) -> Run:
     run_input = make_input(c, data, accelerator, layout, photometric if in_workers else None)
     return Run(
         config=c, data=data, accelerator=accelerator, layout=layout, lr=lr, model=model, optimizer=optimizer,
-        scheduler=scheduler, ema=ema, ema_decay=decay, input=run_input,
+        scheduler=scheduler, ema=ema, ema_decay=decay, warmup_epochs=schedule.warmup_epochs, input=run_input,
         device_input=DeviceInput(accelerator.device, channels_last=c.model.channels_last,
                                  mixed_precision=c.train.mixed_precision,
                                  photometric=photometric if distort and not in_workers else None,
-                                 compile_mode=compile_mode),
+                                 compile_mode=c.model.compile_mode if c.model.compile else None,
+                                 compile_backend=c.model.compile_backend),
         checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
         preemption=PreemptionWatch().install(),
         bad_samples=BadSamples(c.data.on_bad_sample, c.data.max_skipped_fraction, layout.epoch_images,
@@ -199,8 +209,15 @@ def describe(run: Run) -> str:
     c, layout, acc, data = run.config, run.layout, run.accelerator, run.data
     lr = (f"lr {run.lr:.6g} (optim.lr {c.optim.lr:g} at {c.optim.lr_base_batch} images, {c.optim.lr_scaling} "
           f"scaling to {layout.images_per_update})")
-    ema = f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs)" if run.ema else ""
+    if run.warmup_epochs:
+        chosen = " (chosen for the batch)" if c.schedule.warmup_epochs is None else ""
+        lr += f" after {run.warmup_epochs:g} warm-up epochs{chosen}"
+    compiled = f", compiled ({c.model.compile_backend}, {c.model.compile_mode})" if c.model.compile else ""
+    ema = (f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs"
+           f"{', warmed up' if c.ema.warmup else ''})" if run.ema else "")
     return (f"{c.model.name}: {data.train_samples} training / {data.val_samples} validation images, "
-            f"{data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}, "
+            f"{data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}{compiled}, "
             f"{layout.updates_per_epoch} updates per epoch of {layout.images_per_update} images, "
-            f"{layout.total_updates} updates in all, {lr}{ema}")
+            f"{layout.total_updates} updates in all, {lr}{ema}"
+            # the shard loader's decoding: a Pillow fallback is 2-3x slower, say so
+            + (f"\n{native_status()}" if data.format == "webdataset" and c.data.loader == "webdataset" else ""))

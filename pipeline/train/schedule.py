@@ -21,7 +21,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, updat
     An optional linear warm-up over ``warmup_epochs`` comes first; cosine and poly then span the
     updates that remain."""
     total = cfg.epochs * updates_per_epoch
-    warmup = round(cfg.warmup_epochs * updates_per_epoch)
+    warmup = round((cfg.warmup_epochs or 0.0) * updates_per_epoch)  # null: the caller resolves it (recipe)
     if cfg.name == "step":
         main = StepLR(optimizer, step_size=max(1, round(cfg.step_epochs * updates_per_epoch)), gamma=cfg.gamma)
     elif cfg.name == "cosine":

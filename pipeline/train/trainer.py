@@ -4,10 +4,10 @@
     fit(run)                          # resume; then per epoch: train_one_epoch, end_epoch
 
 The pieces live beside this file, one stage each: ``run`` (building those objects), ``recipe``
-(batch layout, scaled lr, EMA decay, parameter groups), ``schedule``, ``step`` (loss, optimizer
-step), ``validate``, ``checkpoint`` (atomic saves, best, resume) and ``tracking`` (TensorBoard,
-metrics.jsonl); loader batches become network inputs in ``pipeline.data.device_augment``, and
-stop signals are watched by ``pipeline.ops.preemption``.
+(batch layout, scaled lr, warm-up, EMA decay, parameter groups), ``schedule``, ``step`` (loss,
+optimizer step), ``ema`` (the average's update), ``validate``, ``checkpoint`` (atomic saves, best,
+resume) and ``tracking`` (TensorBoard, metrics.jsonl); loader batches become network inputs
+in ``pipeline.data.device_augment``, and stop signals are watched by ``pipeline.ops.preemption``.
 
 Within an update nothing is read back from the device, so the host runs ahead of it: counts
 and losses are summed on the device until a log line, and the stop signals are agreed on by
@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError, dump
-from pipeline.data.prepared import IGNORE_LABEL, mix_seed, open_prepared
+from pipeline.data.prepared import IGNORE_LABEL, BadSampleError, mix_seed, open_prepared
 from pipeline.ops.launch import on_every_rank
 from pipeline.ops.preemption import REQUEUE
 from pipeline.ops.run_lock import RunDirInUse, acquire
@@ -34,6 +33,7 @@ from shards.manifest import PrepError
 
 from . import tracking
 from .checkpoint import resume_latest, write_classes
+from .ema import sync_ema_buffers, update_ema
 from .metrics import Tally
 from .run import Progress, Run, build_run, describe
 from .step import compute_loss, optimizer_step
@@ -52,9 +52,13 @@ class Preempted(Exception):
 def save_checkpoint(run: Run) -> Path:
     p, acc = run.progress, run.accelerator
     lost = run.lock is not None and not run.lock.still_ours()
-    if acc.reduce(torch.tensor([int(lost)], device=acc.device), reduction="max").item():
+    lost, short = agree(run, lost)
+    if lost:
         raise on_every_rank(RunDirInUse(run.run_dir, message=f"{run.run_dir}: another job took over the run "
                                         f"directory (see its run.lock); stopping without writing a checkpoint"))
+    if short:
+        raise short
+    sync_ema_buffers(run.ema, acc)
     run.bad_samples.flush(acc)  # every record up to this step is written before the checkpoint
     state = {"step": p.step, "skipped_steps": p.skipped_steps, "best": p.best, "layout": run.layout_record(),
              **run.bad_samples.state()}
@@ -79,24 +83,43 @@ def resume(run: Run) -> None:
         run.log(f"resumed from {path} (step {run.progress.step})")
 
 
+def agree(run: Run, lost: bool) -> tuple[bool, Exception | None]:
+    """Whether any process lost the run directory, and the error naming a process whose loader
+    ran out of samples this epoch (None: none did); one all-reduce, the same answer everywhere."""
+    acc = run.accelerator
+    flags = torch.tensor([int(lost), acc.process_index + 1 if run.loader_ran_out else 0], device=acc.device)
+    lost, short = acc.reduce(flags, reduction="max").tolist()
+    if not short:
+        return bool(lost), None
+    where, epoch = run.data.directory, max(0, run.progress.step - 1) // run.layout.updates_per_epoch + 1
+    return bool(lost), on_every_rank(BadSampleError(
+        f"epoch {epoch}: the loader of process {short - 1} ran out of samples before the epoch's "
+        f"{run.layout.batches_per_epoch} batches; do the shards in {where} hold what the manifest says? "
+        f"(python -m data_prep verify {where})"))
+
+
 def sync_buffers(run: Run) -> None:
     """DDP broadcasts buffers at each forward, so after the last step every rank's batch-norm
     statistics include its own batch: take rank 0's everywhere before evaluating or saving."""
     if run.accelerator.num_processes > 1:
         for buffer in run.bare_model().buffers():
             torch.distributed.broadcast(buffer, src=0)
+    sync_ema_buffers(run.ema, run.accelerator)
 
 
 def check_replicas(run: Run) -> None:
-    """DDP keeps the replicas identical; prove it at the end rather than trust it."""
+    """DDP keeps the replicas identical, and sync_buffers the EMAs; prove it at the end rather than trust it."""
     acc = run.accelerator
-    bare = run.bare_model()
-    flat = torch.cat([t.detach().double().flatten() for t in (*bare.parameters(), *bare.buffers()) if t.is_floating_point()])
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-    sums = acc.gather(torch.stack([flat.sum(), (flat * weights).sum()])[None]).cpu()
-    if not torch.equal(sums, sums[:1].expand_as(sums)):
-        raise RuntimeError(f"model replicas differ across processes: checksums {sums.tolist()}")
-    run.log(f"parameters identical on all {acc.num_processes} processes")
+    models = {"model": run.bare_model()} | ({"EMA": run.ema.module} if run.ema is not None else {})
+    for name, model in models.items():
+        flat = torch.cat([t.detach().double().flatten() for t in (*model.parameters(), *model.buffers())
+                          if t.is_floating_point()])
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        sums = acc.gather(torch.stack([flat.sum(), (flat * weights).sum()])[None]).cpu()
+        if not torch.equal(sums, sums[:1].expand_as(sums)):
+            raise RuntimeError(f"{name} replicas differ across processes: checksums {sums.tolist()}")
+    run.log(f"parameters identical on all {acc.num_processes} processes"
+            + (" (model and EMA, with their buffers)" if run.ema is not None else ""))
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -105,7 +128,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
     accum = layout.grad_accum
     start_update = progress.step - epoch * layout.updates_per_epoch
     end_update = min(layout.updates_per_epoch, layout.total_updates - epoch * layout.updates_per_epoch)
-    batches = run.input.train_batches(epoch, start_update * accum)
+    batches = EpochBatches(run.input.train_batches(epoch, start_update * accum), run, epoch)
     if start_update == 0:
         run.bad_samples.new_epoch()
     epoch_tally, window = Tally(), tracking.LogWindow()
@@ -118,7 +141,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             step = progress.step
             for micro in range(accum):
                 wait_start = time.perf_counter()
-                images, labels, skipped = next_batch(run, batches, epoch)
+                images, labels, skipped = batches.next()
                 waited = time.perf_counter() - wait_start
                 window.data_wait += waited
                 epoch_wait += waited
@@ -147,7 +170,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             progress.step += 1
             progress.skipped_steps += not applied
             if run.ema is not None and applied and progress.step % c.ema.every == 0:
-                update_ema(run.ema, run.bare_model(), run.ema_decay)
+                update_ema(run.ema, run.bare_model(), run.ema_decay, c.ema.warmup)
             bar.update(1)
 
             last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
@@ -169,36 +192,33 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
     return end_epoch(run, epoch, epoch_tally, epoch_images / seconds, epoch_wait / seconds, epoch_done)
 
 
-@torch.no_grad()
-def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float) -> None:
-    """``ema.update_parameters(model)`` for an average built with ``get_ema_multi_avg_fn(decay)``,
-    the same arithmetic without its two reads of ``n_averaged`` on the host (each waits for the
-    device): the first average copies the weights, later ones move ``1 - decay`` of the way to
-    them, chosen on the device."""
-    first = ema.n_averaged.eq(0)
-    pairs = list(zip((*ema.module.parameters(), *ema.module.buffers()), (*model.parameters(), *model.buffers())))
-    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
-    for averaged, current in pairs:
-        if averaged.is_floating_point():
-            group = by_dtype.setdefault(averaged.dtype, ([], []))
-            group[0].append(averaged)
-            group[1].append(current.detach())
-        else:  # integer buffers (batch norm's num_batches_tracked), as AveragedModel treats them
-            averaged.copy_(torch.where(first, current, averaged * decay + current * (1 - decay)))
-    for dtype, (averaged, current) in by_dtype.items():
-        torch._foreach_lerp_(averaged, current, torch.where(first, 1.0, 1.0 - decay).to(dtype))
-    ema.n_averaged += 1
+class EpochBatches:
+    """An epoch's loader batches. A loader that runs out early (shards that hold less than their
+    manifest says) does not raise at once, which would leave the other processes waiting in the
+    next collective until the timeout, then reporting a lost peer: it gives stand-ins (zeros,
+    no labels: nothing is learnt from them) until the processes agree, at the next checkpoint or
+    the epoch's end (``agree``), and all stop naming the process and the cause."""
 
+    def __init__(self, batches, run: Run, epoch: int):
+        self.batches, self.run, self.epoch = batches, run, epoch
+        self.last = None
 
-def next_batch(run: Run, batches, epoch: int):
-    batch = next(batches, None)
-    if batch is None:
-        raise RuntimeError(
-            f"epoch {epoch + 1}: the loader of process {run.accelerator.process_index} ran out of samples; "
-            f"do the shards in {run.data.directory} hold what the manifest says? "
-            f"(python -m data_prep verify {run.data.directory})"
-        )
-    return batch
+    def next(self):
+        batch = next(self.batches, None)
+        if batch is not None:
+            self.last = batch
+            return batch
+        if self.run.loader_ran_out is None:
+            self.run.loader_ran_out = self.epoch + 1
+            self.run.log_any(f"epoch {self.epoch + 1}: the loader of process {self.run.accelerator.process_index} "
+                             f"ran out of samples; stopping at the next checkpoint or the epoch's end")
+        if self.last is None:
+            c = self.run.config
+            images = torch.zeros(c.data.batch_size, 3, c.data.image_size, c.data.image_size, dtype=torch.uint8)
+            labels = torch.zeros(c.data.batch_size, dtype=torch.int64)
+        else:
+            images, labels, _ = self.last
+        return torch.zeros_like(images), torch.full_like(labels, IGNORE_LABEL), []
 
 
 def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
@@ -220,6 +240,9 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, data_wa
     """Validate the trained weights and their EMA (every ``eval_every_epochs`` and at the end),
     log, mark the best of each, and save a checkpoint."""
     acc, c, progress, layout = run.accelerator, run.config, run.progress, run.layout
+    _, short = agree(run, lost=False)  # before validation: a short epoch ends the run here
+    if short:
+        raise short
     step = progress.step
     final = step >= layout.total_updates
     record = {"epoch": epoch + 1 if epoch_done else epoch + step % layout.updates_per_epoch / layout.updates_per_epoch,
