@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from pipeline.config import ConfigError
 from pipeline.ops.launch import on_every_rank
@@ -55,7 +56,6 @@ def save_plain_weights(accelerator) -> None:
     saves the prepared model's own state dict, whose keys carry ``module.`` under DDP and
     ``_orig_mod.`` when compiled. Plain keys resume across a change of ``model.compile`` and
     load into torchvision's model as they are."""
-    from safetensors.torch import load_file
 
     def save(models, weights, output_dir) -> None:
         for i, model in enumerate(models):

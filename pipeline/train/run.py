@@ -211,12 +211,13 @@ def describe(run: Run) -> str:
           f"scaling to {layout.images_per_update})")
     if run.warmup_epochs:
         chosen = " (chosen for the batch)" if c.schedule.warmup_epochs is None else ""
-        lr += f" after {run.warmup_epochs:g} warm-up epochs{chosen}"
+        lr += f" after {run.warmup_epochs:g} warm-up epoch{'s' if run.warmup_epochs != 1 else ''}{chosen}"
     compiled = f", compiled ({c.model.compile_backend}, {c.model.compile_mode})" if c.model.compile else ""
+    processes = f"{acc.num_processes} process{'es' if acc.num_processes != 1 else ''}"
     ema = (f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs"
            f"{', warmed up' if c.ema.warmup else ''})" if run.ema else "")
     return (f"{c.model.name}: {data.train_samples} training / {data.val_samples} validation images, "
-            f"{data.num_classes} classes, {acc.num_processes} processes on {acc.device.type}{compiled}, "
+            f"{data.num_classes} classes, {processes} on {acc.device.type}{compiled}, "
             f"{layout.updates_per_epoch} updates per epoch of {layout.images_per_update} images, "
             f"{layout.total_updates} updates in all, {lr}{ema}"
             # the shard loader's decoding: a Pillow fallback is 2-3x slower, say so
