@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 from shards.manifest import PrepError, finalize
+from shards.store import StoreError, error_line, is_remote
 
 from . import demo, synthetic, verify
 from .plan import PrepParams
 from .sources import SourceError
+from .transfer import RemoteOutput, default_stage, download_dataset
 
 
 def _positive(text: str) -> int:
@@ -35,7 +37,10 @@ def _add_shards(subparsers) -> None:
     labels.add_argument("--val-labels", help="LOC_val_solution.csv or a 'filename wnid' text file")
     labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
     p.add_argument("--class-names", help="'id name' lines (LOC_synset_mapping.txt) for the manifest")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory, or an object-store prefix (s3://bucket/prefix, "
+                   "gs://...): shards are uploaded as they finish, the manifest last")
+    p.add_argument("--stage", type=Path, help="with a remote --out: the local folder shards are written to before "
+                   "their upload (default: a folder in the system's temporary directory, kept for a re-run)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
     size.add_argument("--shard-bytes", type=_positive, help="source bytes per shard instead of a count")
@@ -70,7 +75,8 @@ def _add_ffcv(subparsers) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--train", help="class folders, ILSVRC2012_img_train.tar, or a CIFAR-10/100 or STL-10 "
                         "binary .tar.gz (its training part)")
-    source.add_argument("--from-shards", type=Path, help="a directory written by 'shards'")
+    source.add_argument("--from-shards", help="a directory written by 'shards', or its object-store prefix "
+                        "(fetched to --stage first)")
     p.add_argument("--val", help="class folders, flat files, ILSVRC2012_img_val.tar, or the same binary .tar.gz "
                    "(its test part)")
     labels = p.add_mutually_exclusive_group()
@@ -78,6 +84,8 @@ def _add_ffcv(subparsers) -> None:
     labels.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz (labels and class names)")
     p.add_argument("--class-names", help="'id name' lines (LOC_synset_mapping.txt) for the manifest")
     p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--stage", type=Path, help="with a remote --from-shards: the local folder they are fetched to "
+                   "(default: a folder in the system's temporary directory, kept for a re-run)")
     p.add_argument("--max-resolution", type=_positive, default=512, help="longer side at most N px (default 512)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--compress-probability", type=float, default=0.5,
@@ -102,7 +110,10 @@ def _run_ffcv(args) -> int:
     if args.train:
         sources = PrepParams(**_source_paths(args), seed=args.seed)
     params = FFCVParams(args.max_resolution, args.quality, args.compress_probability, args.seed)
-    run(args.out, params, args.workers, sources=sources, from_shards=args.from_shards)
+    from_shards = args.from_shards
+    if from_shards and is_remote(from_shards):
+        from_shards = download_dataset(from_shards, args.stage or default_stage(from_shards))
+    run(args.out, params, args.workers, sources=sources, from_shards=Path(from_shards) if from_shards else None)
     return 0
 
 
@@ -122,7 +133,16 @@ def _run_shards(args) -> int:
         reencode=args.reencode,
         restart_markers=args.restart_markers,
     )
-    run(params, Path(args.out), args.workers, args.num_tasks, args.task_id)
+    out = args.out if is_remote(args.out) else Path(args.out)
+    run(params, out, args.workers, args.num_tasks, args.task_id, args.stage)
+    return 0
+
+
+def _run_finalize(args) -> int:
+    if is_remote(args.out):
+        RemoteOutput(args.out, args.stage).finalize()
+    else:
+        finalize(Path(args.out))
     return 0
 
 
@@ -134,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(subparsers)
     _add_ffcv(subparsers)
     p = subparsers.add_parser("finalize", help="merge the array tasks' records into manifest.json")
-    p.add_argument("out", type=Path)
-    p.set_defaults(func=lambda a: (finalize(a.out), 0)[1])
+    p.add_argument("out", help="the directory or object-store prefix of 'shards --out'")
+    p.add_argument("--stage", type=Path, help="with a remote OUT: a local folder for the records (default: temporary)")
+    p.set_defaults(func=_run_finalize)
     p = subparsers.add_parser("verify", help="re-read every shard or FFCV file and check it against the manifest")
-    p.add_argument("out", type=Path)
+    p.add_argument("out", help="a prepared directory or object-store prefix (s3://, gs://, https://)")
     p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)))
     p.set_defaults(func=lambda a: verify.main(a.out, a.workers))
     return parser
@@ -150,3 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, PrepError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 3

@@ -1,21 +1,28 @@
 """``verify DIR``: re-read every shard (or FFCV file) and hold it against the manifest."""
 from __future__ import annotations
 
+import hashlib
 import io
 import multiprocessing
 import sys
+import tempfile
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
-from shards.manifest import load_manifest, sha256_file
-from shards.tar_index import index_path, load_index, scan
+from shards.dataset_index import FIELDS, INDEX_FILE, DatasetIndex
+from shards.manifest import PrepError, load_manifest, sha256_file
+from shards.store import Store, is_remote
+from shards.tar_index import Entry, index_path, load_index, scan
 
 from .encode import MAX_STORED_PIXELS, pillow_limit
+from .transfer import fetch_shard
 
 
-def verify_shard(directory: Path, shard: dict, num_classes: int, raw_pixels: bool = False) -> list[str]:
+def verify_shard(directory: Path, shard: dict, num_classes: int, raw_pixels: bool = False,
+                 index_entries: list[Entry] | None = None) -> list[str]:
+    """``index_entries``: the shard's entries in the dataset's ``index.npz``, checked too."""
     path = directory / shard["name"]
     field, stored = ("ppm", "PPM") if raw_pixels else ("jpg", "JPEG")
     if not path.is_file():
@@ -25,8 +32,12 @@ def verify_shard(directory: Path, shard: dict, num_classes: int, raw_pixels: boo
         problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
     if sha256_file(path) != shard["sha256"]:
         problems.append(f"{path}: sha256 differs from the manifest")
-    if "index" in shard and load_index(path) != scan(path)[0]:
+    members = scan(path)[0] if "index" in shard or index_entries is not None else None
+    if "index" in shard and load_index(path) != members:
         problems.append(f"{index_path(path)}: missing, or does not match the shard's members; prepare the shards again")
+    if index_entries is not None and not dataset_index_matches(index_entries, members):
+        problems.append(f"{path.parent / INDEX_FILE}: its entries for {path.name} do not match the shard's members; "
+                        "run 'python -m data_prep finalize' again")
     count = 0
     try:
         for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
@@ -60,8 +71,39 @@ def verify_shard(directory: Path, shard: dict, num_classes: int, raw_pixels: boo
     return problems
 
 
+def load_dataset_index(directory: Path | str, manifest: dict) -> tuple[DatasetIndex | None, list[str]]:
+    """``index.npz`` checked against the manifest (size, sha256), and the problems found."""
+    if not manifest.get("index"):
+        return None, []
+    store = Store(str(directory))
+    name = manifest["index"]["name"]
+    try:
+        data = store.read(name)
+    except FileNotFoundError:
+        return None, [f"{store.shown(name)}: missing (listed in the manifest)"]
+    if len(data) != manifest["index"]["bytes"] or hashlib.sha256(data).hexdigest() != manifest["index"]["sha256"]:
+        return None, [f"{store.shown(name)}: differs from the manifest's size or sha256"]
+    return DatasetIndex(data), []
+
+
+def dataset_index_matches(index_entries: list[Entry], members: list[Entry]) -> bool:
+    """Whether ``index.npz``'s entries of a shard are what walking its tar headers finds."""
+    found = [(e.offset, e.length, e.fields) for e in index_entries]
+    return found == [(e.offset, e.length, {f: v for f, v in e.fields.items() if f in FIELDS}) for e in members]
+
+
 def _verify_job(args) -> list[str]:
-    return verify_shard(*args)
+    directory, shard, num_classes, raw_pixels, index_entries = args
+    if not is_remote(directory):
+        return verify_shard(directory, shard, num_classes, raw_pixels, index_entries)
+    store = Store(str(directory))  # a shard at a time, through a temporary folder
+    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+        try:
+            fetch_shard(store, shard, Path(tmp))
+        except FileNotFoundError:
+            return [f"{store.shown(shard['name'])}: missing"]
+        problems = verify_shard(Path(tmp), shard, num_classes, raw_pixels, index_entries)
+    return [p.replace(f"{tmp}/", f"{store.shown()}/") for p in problems]
 
 
 def verify_beton(directory: Path, split: str, info: dict, num_classes: int) -> list[str]:
@@ -89,20 +131,25 @@ def verify_beton(directory: Path, split: str, info: dict, num_classes: int) -> l
     return problems
 
 
-def verify(directory: Path, workers: int = 1) -> list[str]:
-    directory = Path(directory)
+def verify(directory: Path | str, workers: int = 1) -> list[str]:
+    """Problems found in a prepared folder, or an object-store prefix (each shard fetched once)."""
+    directory = directory if is_remote(directory) else Path(directory)
     manifest = load_manifest(directory)
     num_classes = len(manifest["classes"])
     if manifest["format"] == "ffcv":
+        if is_remote(directory):
+            raise PrepError(f"{directory}: FFCV files are verified on a local or shared disk")
         return [p for split, info in manifest["splits"].items() for p in verify_beton(directory, split, info, num_classes)]
     raw_pixels = manifest["parameters"].get("raw_pixels", False)
-    jobs = [(directory, s, num_classes, raw_pixels) for info in manifest["splits"].values() for s in info["shards"]]
+    index, problems = load_dataset_index(directory, manifest)
+    jobs = [(directory, s, num_classes, raw_pixels, index.entries(s["name"]) if index and s["name"] in index else None)
+            for info in manifest["splits"].values() for s in info["shards"]]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = pool.map(_verify_job, jobs, chunksize=1)
     else:
         results = [_verify_job(j) for j in jobs]
-    problems = [p for r in results for p in r]
+    problems += [p for r in results for p in r]
     for split, info in manifest["splits"].items():
         if sum(s["samples"] for s in info["shards"]) != info["samples"]:
             problems.append(f"{directory}: {split} shard counts do not add up to {info['samples']}")

@@ -3,7 +3,8 @@
 A shard is written as ``NAME.tmp<pid>``, fsynced and renamed; only then is its record written
 to ``.parts/NAME.json``. A shard counts as done when both exist, so a run killed at any point
 leaves nothing that looks finished, and re-running the same command writes only what is
-missing. Tar headers carry fixed metadata, so the same plan always gives the same bytes (and
+missing. With an object store as the output, each shard is uploaded once written
+(``transfer``). Tar headers carry fixed metadata, so the same plan always gives the same bytes (and
 the same sha256), whichever task or run wrote it.
 """
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tqdm import tqdm
 
 from imaging import jpeg_region
 from shards.manifest import PARTS_DIR, PrepError, atomic_write_json, claim_output, finalize
+from shards.store import is_remote
 from shards.tar_index import IndexBuilder, index_path
 
 from . import encode
 from .plan import Item, PrepParams, ShardPlan, make_plan
+from .transfer import RemoteOutput
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -168,11 +171,18 @@ def is_complete(out: Path, shard: ShardPlan) -> bool:
 
 
 def _write_shard_job(args) -> dict:
-    return write_shard(*args)
+    out, shard, params, remote = args
+    record = write_shard(out, shard, params)
+    if remote is not None:
+        remote.upload(record)
+    return record
 
 
-def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, task_id: int = 0) -> dict | None:
-    """Write this task's shards; with a single task, also finalize and return the manifest."""
+def run(params: PrepParams, out: Path | str, workers: int = 1, num_tasks: int = 1, task_id: int = 0,
+        stage: Path | None = None) -> dict | None:
+    """Write this task's shards; with a single task, also finalize and return the manifest.
+    ``out`` may be an object-store URL: then shards are staged in ``stage`` and uploaded."""
+    remote = RemoteOutput(str(out), stage) if is_remote(out) else None
     if not 0 <= task_id < num_tasks:
         raise PrepError(f"--task-id {task_id} is outside 0..{num_tasks - 1}")
     if params.restart_markers and not jpeg_region.available():
@@ -180,9 +190,14 @@ def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, tas
                         "built by an older version): run 'python -m imaging.jpeg_region build' (needs gcc and "
                         "libjpeg62-turbo-dev)")
     plan = make_plan(params)  # every source problem surfaces here, before anything is written
+    if remote is not None:
+        remote.claim(plan.summary())
+        out = remote.stage
     claim_output(out, plan.summary())
     mine = [s for i, s in enumerate(plan.shards) if i % num_tasks == task_id]
-    pending = [s for s in mine if not is_complete(out, s)]
+    uploaded = remote.completed() if remote is not None else set()
+    pending = [s for s in mine if s.name not in uploaded] if remote is not None else \
+        [s for s in mine if not is_complete(out, s)]
     images = sum(len(s.items) for s in pending)
     print(
         f"{len(plan.shards)} shards planned, {len(mine)} for task {task_id}/{num_tasks}, "
@@ -191,7 +206,7 @@ def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, tas
         file=sys.stderr,
     )
     start = time.perf_counter()
-    jobs = [(out, s, params) for s in pending]
+    jobs = [(out, s, params, remote) for s in pending]
     with tqdm(total=images, unit="img", desc="shards", disable=not images, file=sys.stderr) as bar:
         if workers <= 1:
             results = map(_write_shard_job, jobs)
@@ -205,6 +220,7 @@ def run(params: PrepParams, out: Path, workers: int = 1, num_tasks: int = 1, tas
     if images:
         print(f"wrote {images} samples in {elapsed:.1f}s ({images / elapsed:.0f} img/s)", file=sys.stderr)
     if num_tasks > 1:
-        print(f"task {task_id} done; run 'python -m data_prep finalize {out}' after all tasks", file=sys.stderr)
+        target = remote.store.shown() if remote is not None else out
+        print(f"task {task_id} done; run 'python -m data_prep finalize {target}' after all tasks", file=sys.stderr)
         return None
-    return finalize(out)
+    return remote.finalize() if remote is not None else finalize(out)

@@ -63,7 +63,7 @@ class AugmentConfig:
 class DataConfig:
     format: str = "webdataset"  # or ffcv (.beton files from 'python -m data_prep ffcv'; needs the ffcv extra)
     ffcv_os_cache: bool = True  # FFCV: read through the page cache (false: FFCV's own process cache)
-    dir: str | None = None  # prepared shards (with manifest.json); null: the demo data
+    dir: str | None = None  # prepared shards (with manifest.json): a folder, s3://, gs:// or https://; null: the demo
     demo_root: str = "demo_data"  # where the demo data is prepared on first use
     image_size: int = 224
     eval_resize: int | None = None  # shorter side before the centre crop; null: image_size * 256 / 224
@@ -77,6 +77,12 @@ class DataConfig:
     interleave_shards: int = 4  # shards each loader worker reads at once, so that neighbours differ per epoch
     on_bad_sample: str = "stop"  # a sample that cannot be read: stop naming it, or skip it and record it
     max_skipped_fraction: float = 0.01  # skip: stop once more of an epoch's training samples were skipped
+    # Shards in an object store (docs/object-storage.md): how long a failing or stalling store is
+    # retried before the run stops (exit 3, checkpoint intact), and an optional local cache of
+    # whole shards, filled by the first epoch and read by the next ones.
+    remote_retry_s: float = 120.0
+    cache_dir: str | None = None  # null: no cache, every epoch streams
+    cache_max_gb: float = 200.0  # ImageNet's shards: about 150 GB
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -337,6 +343,8 @@ def validate(c: Config) -> None:
     _check(c.data.loader == "webdataset" or c.data.format == "webdataset", "data.loader", c.data.loader,
            "webdataset with data.format ffcv (the memory loader reads shards)")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
+    _check(c.data.remote_retry_s >= 0, "data.remote_retry_s", c.data.remote_retry_s, ">= 0")
+    _check(c.data.cache_max_gb > 0, "data.cache_max_gb", c.data.cache_max_gb, "> 0")
     _check(c.data.interleave_shards >= 1, "data.interleave_shards", c.data.interleave_shards, ">= 1")
     _check(c.data.on_bad_sample in ("stop", "skip"), "data.on_bad_sample", c.data.on_bad_sample, "stop or skip")
     _check(0 <= c.data.max_skipped_fraction <= 1, "data.max_skipped_fraction", c.data.max_skipped_fraction, "[0, 1]")

@@ -3,15 +3,17 @@
 # project needs (when run as root), a virtual environment in .venv, and the project itself.
 #   bash scripts/setup.sh            # the pipeline
 #   bash scripts/setup.sh --ffcv     # the pipeline plus the optional FFCV storage format
-#   bash scripts/setup.sh --test     # the pipeline, FFCV, and what the test suite needs
+#   bash scripts/setup.sh --remote   # the pipeline plus reading/writing shards in S3, GCS or over HTTPS
+#   bash scripts/setup.sh --test     # the pipeline, FFCV, object stores, and what the test suite needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras+=(test ffcv) ;;
+    --test) extras+=(test ffcv remote) ;;
     --ffcv) extras+=(ffcv) ;;
+    --remote) extras+=(remote) ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

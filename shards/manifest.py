@@ -12,6 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from .dataset_index import INDEX_FILE, pack, read_shard_index
+from .store import Store, is_remote
+
 MANIFEST = "manifest.json"
 PLAN_FILE = ".plan.json"
 PARTS_DIR = ".parts"
@@ -35,12 +38,25 @@ def atomic_write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def load_manifest(directory: Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise PrepError(f"{path}: no manifest (prepare the data with 'python -m data_prep shards' or 'ffcv')")
+def load_manifest(directory: Path | str, store: Store | None = None) -> dict:
+    """The manifest of a prepared dataset, in a folder or (``store``, or a URL) an object store."""
+    if store is None and is_remote(directory):
+        store = Store(str(directory))
+    if store is not None and store.remote:
+        path = store.shown(MANIFEST)
+        try:
+            text = store.read(MANIFEST).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            store.check_reachable()  # a missing bucket or wrong credentials say so first
+            raise PrepError(f"{path}: no manifest (a wrong prefix? prepare the data with 'python -m data_prep "
+                            f"shards ... --out {store.shown()}')") from None
+    else:
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise PrepError(f"{path}: no manifest (prepare the data with 'python -m data_prep shards' or 'ffcv')")
+        text = path.read_text(encoding="utf-8")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PrepError(f"{path}: not valid JSON ({exc})") from exc
     if manifest.get("format") not in FORMATS or manifest.get("version") != FORMAT_VERSION:
@@ -95,8 +111,10 @@ def _split_summary(records: list[dict], augment_copies: int) -> dict:
     }
 
 
-def finalize(directory: Path) -> dict:
-    """Merge the shard records into ``manifest.json``; fail naming any shard still missing."""
+def finalize(directory: Path, shards_uploaded: bool = False) -> dict:
+    """Merge the shard records into ``manifest.json``; fail naming any shard still missing.
+    ``shards_uploaded``: the shards live in an object store (``data_prep.upload``), and a
+    record is written there only after its shard: the record alone says the shard is done."""
     directory = Path(directory)
     plan_path = directory / PLAN_FILE
     if not plan_path.is_file():
@@ -105,7 +123,7 @@ def finalize(directory: Path) -> dict:
     records, missing = {}, []
     for shard in plan["shards"]:
         part = directory / PARTS_DIR / f"{shard['name']}.json"
-        if part.is_file() and (directory / shard["name"]).is_file():
+        if part.is_file() and (shards_uploaded or (directory / shard["name"]).is_file()):
             record = json.loads(part.read_text())
             if shard["split"] == "train":  # the copy group the trainer reads it in (see plan.py)
                 record["group"] = shard.get("group", 0)
@@ -123,6 +141,7 @@ def finalize(directory: Path) -> dict:
     unique = {(s["split"], s["name"]): s for rs in records.values() for r in rs for s in r["skipped"]}
     skipped = list(unique.values())
     manifest = {
+        "index": _write_dataset_index(directory, records),
         "format": "webdataset",
         "version": FORMAT_VERSION,
         "classes": plan["classes"],
@@ -134,6 +153,18 @@ def finalize(directory: Path) -> dict:
     atomic_write_json(directory / MANIFEST, manifest)
     _print_summary(directory, manifest)
     return manifest
+
+
+def _write_dataset_index(directory: Path, records: dict[str, list[dict]]) -> dict | None:
+    """``index.npz``: every shard's index in one file, so that a reader starts with one read."""
+    shards = [r for rs in records.values() for r in rs]
+    if not all("index" in r and (directory / r["index"]).is_file() for r in shards):
+        return None  # shards of an older version: readers use the shards' own indexes
+    data = pack([(r["name"], read_shard_index(directory / r["index"])) for r in shards])
+    tmp = directory / f"{INDEX_FILE}.tmp{os.getpid()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, directory / INDEX_FILE)
+    return {"name": INDEX_FILE, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _print_summary(directory: Path, manifest: dict) -> None:

@@ -27,12 +27,17 @@ _KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class DamagedSample(Exception):
-    """A sample that cannot be read from the shard; the message says why."""
+    """A sample that cannot be read from the shard; the message says why, ``key`` names it
+    where that is known."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
 class Entry:
-    key: str
+    key: str | None  # None in a dataset index (``shards.dataset_index``): the headers name it
     offset: int  # of its first member's header
     length: int  # through the end of its last member's data
     fields: dict[str, tuple[int, int]]  # field -> (data offset from ``offset``, size)
@@ -140,9 +145,10 @@ class SampleReader:
 
     _scanned: dict[str, tuple[list[Entry], str | None]] = {}  # shards without an index, per process
 
-    def __init__(self, shard: str):
+    def __init__(self, shard: str, entries: list[Entry] | None = None):
+        """``entries``: the shard's index when the caller has it (a dataset index, a cached copy)."""
         self.shard = shard
-        entries = load_index(shard)
+        entries = entries if entries is not None else load_index(shard)
         self.break_reason = None  # why a scanned shard stops before its last indexed sample
         if entries is None:
             if shard not in self._scanned:
@@ -174,16 +180,39 @@ class SampleReader:
             raise DamagedSample(f"is missing: the shard ends after {len(self.entries)} samples{last}")
         entry = self.entries[position]
         blob = os.pread(self.file.fileno(), entry.length, entry.offset)
-        if len(blob) < entry.length:
-            raise DamagedSample(f"is missing: the shard ends at byte {entry.offset + len(blob)}, inside it "
-                                "(truncated shard)")
-        fields = {}
-        for field, (start, size) in entry.fields.items():
-            if wanted is not None and field not in wanted:
-                continue
-            name = f"{entry.key}.{field}"
-            if not header_ok(blob[start - BLOCK:start], name, size):
-                raise DamagedSample(f"has a damaged tar header for {name} at byte {entry.offset + start - BLOCK} "
-                                    "(damaged shard)")
-            fields[field] = blob[start:start + size]
-        return fields
+        return sample_fields(blob, entry, wanted)
+
+
+def member_name(header: bytes) -> str | None:
+    """The member name a USTAR header gives (prefix/name), None if it is not one."""
+    if len(header) != BLOCK or header[257:262] != b"ustar":
+        return None
+    name, prefix = header[:100].rstrip(b"\0"), header[345:500].rstrip(b"\0")
+    try:
+        return (prefix + b"/" + name if prefix else name).decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def sample_fields(blob: bytes, entry: Entry, wanted: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    """{field: bytes} of one sample from the bytes of its entry, every member header checked;
+    raises DamagedSample. An entry without a key (a dataset index keeps none) takes the key its
+    headers name."""
+    if len(blob) < entry.length:
+        raise DamagedSample(f"is missing: the shard ends at byte {entry.offset + len(blob)}, inside it "
+                            "(truncated shard)", entry.key)
+    key, fields = entry.key, {}
+    for field, (start, size) in entry.fields.items():
+        if wanted is not None and field not in wanted:
+            continue
+        header = blob[start - BLOCK:start]
+        if key is None:
+            match = _KEY_FIELD.match(member_name(header) or "")
+            key = match.group(1) if match and match.group(2) == field else None
+        name = f"{key}.{field}" if key else f"its {field}"
+        if key is None or not header_ok(header, name, size):
+            raise DamagedSample(f"has a damaged tar header for {name} at byte {entry.offset + start - BLOCK} "
+                                "(damaged shard)", key)
+        fields[field] = blob[start:start + size]
+    fields["__key__"] = key
+    return fields

@@ -81,3 +81,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.fast)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 as a real server on 127.0.0.1 (an ``object_store.S3Server``), shared by the
+    session: IAM authentication on, ``access_key``/``secret_key`` valid, ``env()`` for child
+    processes. Use bucket names of your own; do not ``stop()`` it (start an ``S3Server()`` of
+    your own for an outage). Skipped without moto's server extras."""
+    import importlib.util
+
+    missing = [m for m in ("moto", "flask", "boto3") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"moto in server mode needs {', '.join(missing)}: pip install 'moto[server]'")
+    from object_store import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3_server")).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def http_server_factory(tmp_path_factory):
+    """``start(directory, **kwargs) -> object_store.RangeHTTPServer``, started on a free port
+    (kwargs: ``port``, ``chunk_delay``, ``log_path``); every one is killed at teardown."""
+    from object_store import RangeHTTPServer
+
+    servers = []
+    logs = tmp_path_factory.mktemp("http_server")
+
+    def start(directory, **kwargs) -> RangeHTTPServer:
+        kwargs.setdefault("log_path", logs / f"requests-{len(servers)}.log")
+        server = RangeHTTPServer(directory, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.close()

@@ -122,8 +122,9 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
     assert tensorboard.is_dir()
 
 
-@pytest.mark.slow
-def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
+def sources_and_single_run(tmp_path: Path) -> list[str]:
+    """Class folders in ``tmp_path``, prepared by one process into ``tmp_path/single``; the
+    ``shards`` arguments (without --out) an array preparation of them takes."""
     from imagefiles import class_folders
 
     class_folders(tmp_path / "train", {"a": 7, "b": 6, "c": 5})
@@ -132,6 +133,12 @@ def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
     single = subprocess.run([sys.executable, "-m", "data_prep", "shards", *common, "--out", str(tmp_path / "single")],
                             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
+    return common
+
+
+@pytest.mark.slow
+def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
+    common = sources_and_single_run(tmp_path)
     env = {**subprocess_env(), **cluster.env}
     result = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", "submit-prep", "--tasks", "3", "--",
                              *common, "--out", str(tmp_path / "array"), "--workers", "1"],
@@ -144,3 +151,23 @@ def test_preparation_array_and_finalize_match_a_single_run(cluster, tmp_path):
     assert (tmp_path / "array" / "manifest.json").read_bytes() == (tmp_path / "single" / "manifest.json").read_bytes()
     assert json.loads((tmp_path / "array" / "manifest.json").read_text())["totals"]["written"] == 24
     assert array_job != finalize_job
+
+
+@pytest.mark.slow
+def test_preparation_array_into_an_object_store_matches_a_single_run(cluster, s3_server, tmp_path):
+    """The same array preparation with --out s3://...: every task uploads its shards, finalize
+    uploads the manifest, which is byte for byte the single local run's."""
+    common = sources_and_single_run(tmp_path)
+    s3_server.make_bucket("slurm-prep")
+    env = {**subprocess_env(), **cluster.env, **s3_server.env()}
+    result = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", "submit-prep", "--tasks", "3", "--",
+                             *common, "--out", "s3://slurm-prep/array", "--workers", "1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    finalize_job = re.search(r"finalize job (\d+)", result.stdout).group(1)
+    assert cluster.wait_for(finalize_job, timeout=300) == "COMPLETED", result.stdout
+    manifest = s3_server.client().get_object(Bucket="slurm-prep", Key="array/manifest.json")["Body"].read()
+    assert manifest == (tmp_path / "single" / "manifest.json").read_bytes()
+    keys = s3_server.list_keys("slurm-prep", "array/")
+    assert len([k for k in keys if k.endswith(".tar")]) == len(json.loads(manifest)["splits"]["train"]["shards"]) + \
+        len(json.loads(manifest)["splits"]["val"]["shards"])

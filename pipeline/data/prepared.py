@@ -15,14 +15,18 @@ reason) and the trainer applies ``data.on_bad_sample``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from torch.utils.data import get_worker_info
 
-from shards.manifest import PrepError, load_manifest
+from shards.dataset_index import DatasetIndex
+from shards.manifest import MANIFEST, PrepError, load_manifest
+from shards.remote import RemoteShards, ShardCache
+from shards.store import Store, is_remote
 from shards.tar_index import DamagedSample, SampleReader
 
 
@@ -37,17 +41,22 @@ class Shard:
     url: str
     samples: int
     group: int = 0  # baked copies: the copy this training shard holds, read in the epochs e with e mod K == group
+    name: str = ""  # in the dataset's location (a remote shard's key)
+    bytes: int = 0
+    sha256: str = ""
+    remote: RemoteShards | None = dataclasses.field(default=None, compare=False, repr=False)  # None: a local file
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    directory: Path
+    directory: Path | str  # a folder, or the URL of an object-store prefix
     classes: list[dict]
     train: list[Shard]
     val: list[Shard]
     augment_copies: int
     augment_size: int
     format: str = "webdataset"  # or "ffcv": then train and val are one .beton file each
+    remote: RemoteShards | None = dataclasses.field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -62,14 +71,23 @@ class PreparedData:
         return sum(s.samples for s in self.val)
 
 
-def open_prepared(directory: str | Path) -> PreparedData:
-    """Read the manifest and check that every shard (or .beton file) it names is there."""
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How a dataset in an object store is read (``data.remote_retry_s``, ``data.cache_*``)."""
+    retry_s: float = 120.0
+    cache_dir: str | None = None
+    cache_max_gb: float = 200.0
+
+
+def open_prepared(directory: str | Path, remote: RemoteOptions | None = None) -> PreparedData:
+    """Read the manifest and check that every shard (or .beton file) it names is there. In an
+    object store: two reads (the manifest and the dataset index), nothing per shard."""
+    if is_remote(directory):
+        return _open_remote(str(directory), remote or RemoteOptions())
     directory = Path(directory)
     manifest = load_manifest(directory)
     splits = manifest["splits"]
-    for split in ("train", "val"):
-        if split not in splits or not splits[split].get("shards", [splits[split].get("file")]):
-            raise PrepError(f"{directory / 'manifest.json'}: no {split} shards (prepare them with --{split})")
+    _check_splits(splits, directory / MANIFEST)
     files = {}
     for split in ("train", "val"):
         listed = splits[split]["shards"] if manifest["format"] == "webdataset" else [splits[split]]
@@ -79,15 +97,53 @@ def open_prepared(directory: str | Path) -> PreparedData:
             if not path.is_file():
                 what = "shard" if manifest["format"] == "webdataset" else "file"
                 raise PrepError(f"{path}: {what} listed in the manifest is missing")
-            files[split].append(Shard(str(path), s["samples"], s.get("group", 0)))
+            files[split].append(Shard(str(path), s["samples"], s.get("group", 0), path.name, s["bytes"], s["sha256"]))
+    return _prepared(directory, manifest, files, None)
+
+
+def _check_splits(splits: dict, manifest: Path | str) -> None:
+    for split in ("train", "val"):
+        if split not in splits or not splits[split].get("shards", [splits[split].get("file")]):
+            raise PrepError(f"{manifest}: no {split} shards (prepare them with --{split})")
+
+
+def _prepared(directory, manifest: dict, files: dict[str, list[Shard]], remote) -> PreparedData:
     params = manifest["parameters"]
     copies = params.get("augment_copies", 0)
-    check_groups(files["train"], copies, directory / "manifest.json")
+    check_groups(files["train"], copies, f"{directory}/{MANIFEST}")
     return PreparedData(directory, manifest["classes"], files["train"], files["val"],
-                        copies, params.get("augment_size", 0), manifest["format"])
+                        copies, params.get("augment_size", 0), manifest["format"], remote)
 
 
-def check_groups(shards: list[Shard], augment_copies: int, manifest: Path) -> None:
+def _open_remote(location: str, options: RemoteOptions) -> PreparedData:
+    store = Store(location, options.retry_s)
+    manifest = load_manifest(location, store)
+    if manifest["format"] != "webdataset":
+        raise PrepError(f"{store.shown(MANIFEST)}: FFCV files are read from a local or shared disk; "
+                        "copy them there (the trainer streams WebDataset shards from object stores)")
+    _check_splits(manifest["splits"], store.shown(MANIFEST))
+    index = None
+    if manifest.get("index"):
+        name = manifest["index"]["name"]
+        try:
+            data = store.read(name)
+        except FileNotFoundError:
+            raise PrepError(f"{store.shown(name)}: listed in the manifest but missing") from None
+        if hashlib.sha256(data).hexdigest() != manifest["index"]["sha256"]:
+            raise PrepError(f"{store.shown(name)}: differs from the sha256 in the manifest (written by another "
+                            "preparation?); run 'python -m data_prep finalize' again")
+        index = DatasetIndex(data)
+    cache = None
+    if options.cache_dir:
+        cache = ShardCache(Path(options.cache_dir), int(options.cache_max_gb * 1e9))
+    remote = RemoteShards(store, index, cache)
+    files = {split: [Shard(store.shown(s["name"]), s["samples"], s.get("group", 0), s["name"], s["bytes"],
+                           s["sha256"], remote) for s in manifest["splits"][split]["shards"]]
+             for split in ("train", "val")}
+    return _prepared(location, manifest, files, remote)
+
+
+def check_groups(shards: list[Shard], augment_copies: int, manifest: Path | str) -> None:
     """Baked copies: groups 0..K-1, all the same size (a bad image is skipped in every copy),
     so that every epoch is one pass over the same source images."""
     sizes: dict[int, int] = {}
@@ -154,12 +210,43 @@ def checked(sample: dict, shard: str, index: int, num_classes: int) -> Sample | 
     return Sample(key, image, label, shard, index)
 
 
-def shard_range(shard: Shard, first: int, last: int, num_classes: int):
+def shard_range(shard: Shard, first: int, last: int, num_classes: int) -> Iterator[Sample | Skipped]:
     """Samples ``first``..``last - 1`` of one shard: exactly ``last - first`` items, each a Sample
     or a Skipped. Never raises on damage. Each sample is read at its offset in the shard's index,
     so damage spoils only the samples it covers; a shard without an index (prepared by an older
     version) is indexed by walking its tar headers, and where that walk breaks the samples after
-    it cannot be located, so they are recorded as unreadable."""
+    it cannot be located, so they are recorded as unreadable. A shard in an object store is read
+    in a few large ranged reads (``shards.remote``); a store that fails raises StoreError."""
+    wanted = IMAGE_FIELDS + ("cls",)  # not the json metadata
+    if shard.remote is not None:  # not a generator of its own: the first read is sent now
+        return _CheckedRemote(shard.remote.samples(shard.name, shard.sha256, shard.bytes, first, last, wanted),
+                               shard.url, num_classes)
+    return _local_range(shard, first, last, num_classes, wanted)
+
+
+class _CheckedRemote:
+    """A remote range's (position, fields) as Sample or Skipped items; ``start()`` sends its
+    first reads (``webdataset_input.start_reads``)."""
+
+    def __init__(self, results, url: str, num_classes: int):
+        self.results, self.url, self.num_classes = results, url, num_classes
+
+    def start(self) -> None:
+        start = getattr(self.results, "start", None)  # a range read from the cache has nothing to send
+        if start is not None:
+            start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Sample | Skipped:
+        i, fields = next(self.results)
+        if isinstance(fields, DamagedSample):
+            return Skipped(self.url, i, fields.key, str(fields))
+        return checked(fields, self.url, i, self.num_classes)
+
+
+def _local_range(shard: Shard, first: int, last: int, num_classes: int, wanted: tuple[str, ...]):
     try:
         reader = SampleReader(shard.url)
     except Exception as exc:  # the shard cannot be opened or walked at all
@@ -169,11 +256,10 @@ def shard_range(shard: Shard, first: int, last: int, num_classes: int):
     with reader:
         for i in range(first, last):
             try:
-                fields = reader.read(i, IMAGE_FIELDS + ("cls",))  # not the json metadata
+                fields = reader.read(i, wanted)
             except (DamagedSample, OSError) as exc:
                 yield Skipped(shard.url, i, reader.key(i), str(exc))
                 continue
-            fields["__key__"] = reader.key(i)
             yield checked(fields, shard.url, i, num_classes)
 
 

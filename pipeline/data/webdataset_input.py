@@ -12,7 +12,9 @@ contents are fixed at preparation, so each worker reads several of its shard seg
 seeded shuffle buffer: a sample's neighbours change from epoch to epoch. It then decodes and
 crops into uint8 tensors. Everything random is seeded from (seed, epoch, rank, lane, sample),
 so a run resumed mid-epoch sees the same batches as an uninterrupted one; the batches it
-already did are dropped before decoding.
+already did are dropped before decoding. Shards in an object store are read in a few large
+ranged reads (``shards.remote``), and a persistent worker opens its next epoch's first segments
+as it finishes an epoch, so that their first reads are done when that epoch starts.
 
 Validation: the ranges cover every sample exactly once, nothing padded or dropped; the
 trainer all-reduces the counts and checks them against the manifest.
@@ -32,14 +34,22 @@ from torch.utils.data import IterableDataset
 from imaging.crops import center_crop_array, decode_random_crop_distorted, random_crop_array
 from imaging.photometric import photometric_distort
 from imaging.specs import CropSpec, PhotometricSpec
+from shards.store import StoreError
 
 from .batches import decode_or_skip, image_batches, make_loader
 from .prepared import Shard, equal_ranges, mix_seed, sample_range, shard_range, worker_slot
 
 
+def start_reads(samples) -> None:
+    """Send a segment's first reads now (a segment of a shard in an object store; else nothing)."""
+    start = getattr(samples, "start", None)
+    if start is not None:
+        start()
+
+
 def interleave(segments: list[tuple], rng: random.Random, width: int):
     """Merge ``segments``, (sample iterable, length) pairs, keeping up to ``width`` of them open
-    and opening the next in order when one runs out. Each next sample comes from an open
+    (their first reads sent together) and opening the next in order when one runs out. Each next sample comes from an open
     segment drawn with probability proportional to the samples it has left, so the open
     segments are merged in uniformly random order."""
     pending = iter(segments)
@@ -48,6 +58,7 @@ def interleave(segments: list[tuple], rng: random.Random, width: int):
     def refill():
         for samples, length in pending:
             if length > 0:
+                start_reads(samples)
                 active.append([iter(samples), length])
                 if len(active) == width:
                     return
@@ -83,6 +94,10 @@ class TrainStream(IterableDataset):
         # Epoch e reads copy group e mod (number of groups): one pass over the source images.
         self.groups = sorted({s.group for s in shards}) or [0]
         self.epoch, self.start_batch = 0, 0
+        # Up to this epoch, a worker that goes on with the next epoch (persistent) opens it as it
+        # ends one (the trainer sets it to its last epoch; None: never).
+        self.open_ahead_until: int | None = None
+        self.opened_ahead = None  # ((epoch, lane, lanes), segments)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Call before iterating; ``start_batch`` skips the batches a resumed run already did."""
@@ -97,13 +112,9 @@ class TrainStream(IterableDataset):
         random.Random(mix_seed(self.seed, epoch, "shards")).shuffle(order)
         return order
 
-    def lane_samples(self, lane: int, num_lanes: int, epoch: int | None = None):
-        """The Sample (or Skipped) items of lane ``lane`` of ``num_lanes`` (batches lane, lane + n, ...
-        of this rank's epoch), in training order, all of them (also those before start_batch).
-
-        The lane's contiguous range of the epoch's shard sequence is cut into per-shard segments,
-        read ``interleave_shards`` at a time, then passed through the shuffle buffer."""
-        epoch = self.epoch if epoch is None else epoch
+    def lane_segments(self, lane: int, num_lanes: int, epoch: int) -> list[tuple]:
+        """The lane's contiguous range of the epoch's shard sequence, cut into per-shard segments
+        ((sample iterator, length) pairs). Nothing is read yet (``start_reads``)."""
         needed = self.world_size * self.batches_per_epoch * self.batch_size
         shards = self.epoch_shards(epoch)
         available = sum(s.samples for s in shards)
@@ -119,6 +130,16 @@ class TrainStream(IterableDataset):
             if first < last:
                 segments.append((shard_range(shard, first, last, self.num_classes), last - first))
             offset += shard.samples
+        return segments
+
+    def lane_samples(self, lane: int, num_lanes: int, epoch: int | None = None, segments: list | None = None):
+        """The Sample (or Skipped) items of lane ``lane`` of ``num_lanes`` (batches lane, lane + n, ...
+        of this rank's epoch), in training order, all of them (also those before start_batch).
+
+        The lane's segments (``lane_segments``, or those given, opened ahead) are read
+        ``interleave_shards`` at a time, then passed through the shuffle buffer."""
+        epoch = self.epoch if epoch is None else epoch
+        segments = self.lane_segments(lane, num_lanes, epoch) if segments is None else segments
         rng = random.Random(mix_seed(self.seed, epoch, self.rank, lane, "interleave"))
         samples = interleave(segments, rng, self.interleave_shards)
         if self.shuffle_buffer > 1:
@@ -126,7 +147,7 @@ class TrainStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
         yield from samples
 
-    def _decode(self, data: bytes, seed: int) -> np.ndarray:
+    def decode(self, data: bytes, seed: int) -> np.ndarray:
         """The training image of one sample, uint8 [size, size, 3]."""
         size = self.image_size
         if self.baked:  # already cropped and distorted at preparation time
@@ -155,14 +176,28 @@ class TrainStream(IterableDataset):
         lane = (worker + start_batch) % num_workers
         skip = len(range(lane, min(start_batch, self.batches_per_epoch), num_workers))
         base = mix_seed(self.seed, epoch, self.rank, lane, "augment")
+        opened, self.opened_ahead = self.opened_ahead, None
+        segments = opened[1] if opened is not None and opened[0] == (epoch, lane, num_workers) else None
 
         def decoded():
-            for i, item in enumerate(self.lane_samples(lane, num_workers, epoch)):
+            for i, item in enumerate(self.lane_samples(lane, num_workers, epoch, segments)):
                 if i < skip * self.batch_size:
                     continue  # resumed mid-epoch: these batches were already trained on
-                yield decode_or_skip(item, lambda data: self._decode(data, base + i), "train")
+                yield decode_or_skip(item, lambda data: self.decode(data, base + i), "train")
 
         yield from image_batches(decoded(), self.batch_size, self.image_size, keep_skipped=True)
+        if self.open_ahead_until is not None and epoch < self.open_ahead_until and \
+                any(s.remote is not None for s in self.shards):
+            # The next epoch's segments are opened now, while the last batches train and the model
+            # is validated: their first reads from the object store are done when that epoch starts.
+            try:
+                segments = self.lane_segments(worker, num_workers, epoch + 1)
+            except (StoreError, ValueError):
+                segments = None  # said when that epoch starts
+            if segments is not None:
+                for samples, _ in segments[:self.interleave_shards]:  # those read first; the rest as they come
+                    start_reads(samples)
+                self.opened_ahead = ((epoch + 1, worker, num_workers), segments)
 
 
 class EvalStream(IterableDataset):

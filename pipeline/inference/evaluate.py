@@ -28,11 +28,19 @@ from tqdm import tqdm
 from imaging.crops import eval_resize_for
 from pipeline.config import ConfigError, load_config
 from pipeline.data.batches import make_loader
-from pipeline.data.prepared import BadSampleError, PreparedData, bad_sample_message, equal_ranges, open_prepared
+from pipeline.data.prepared import (
+    BadSampleError,
+    PreparedData,
+    RemoteOptions,
+    bad_sample_message,
+    equal_ranges,
+    open_prepared,
+)
 from pipeline.models import forward_with_aux
 from pipeline.ops.launch import on_every_rank
 from pipeline.train.metrics import Tally
 from shards.manifest import PrepError
+from shards.store import StoreError, error_line
 
 from .crop_stream import CropStream
 from .multi_crop import CROP_COUNTS, network_input
@@ -202,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="best (default; the newest if the run never evaluated), last, or a checkpoint directory")
     parser.add_argument("--ema", action="store_true", help="the EMA weights (runs trained with ema.enabled)")
     parser.add_argument("--crops", type=int, choices=CROP_COUNTS, default=1, help="crops per image (default 1)")
-    parser.add_argument("--data", help="prepared data directory (default: the first run's data.dir)")
+    parser.add_argument("--data", help="prepared data: a directory or an s3://, gs://, https:// prefix "
+                        "(default: the first run's data.dir)")
     parser.add_argument("--batch-size", type=int, default=512, help="crops per forward pass (default 512)")
     parser.add_argument("--workers", type=int, help="loader workers per process (default: the run's data.workers)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
@@ -223,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         models = _load_models(args, "cpu")
         config = models[0].config
-        data = open_prepared(args.data or data_directory(config))
+        data = open_prepared(args.data or data_directory(config), RemoteOptions(
+            config.data.remote_retry_s, config.data.cache_dir, config.data.cache_max_gb))
         check_compatible(models, data)  # before the process group: a mistake costs no launch
         mixed_precision = args.mixed_precision or config.train.mixed_precision
         try:
@@ -240,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     except (ConfigError, PrepError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StoreError as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        sys.exit(3)
     except BadSampleError as exc:  # raised alike on every process: the main one says it
         if accelerator.is_main_process:
             print(f"error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pipeline.config import Config, ConfigError, load_config
 from pipeline.models import build_model, load_torchvision_weights, use_torchvision_input
 from pipeline.train.checkpoint import BEST_FILE, CLASSES_FILE, STATE_FILE, CheckpointManager, bare_keys
 from shards.manifest import PrepError, load_manifest
+from shards.store import StoreError, is_remote
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
@@ -45,10 +46,11 @@ class LoadedModel:
         return f"{self.config.model.name} from {where}" + (" (EMA)" if self.ema else "")
 
 
-def data_directory(config: Config) -> Path:
-    """The prepared data a configuration trains on (``data.dir``, or the demo's, as the trainer finds it)."""
+def data_directory(config: Config) -> Path | str:
+    """The prepared data a configuration trains on (``data.dir``: a folder or an object-store URL,
+    or the demo's, as the trainer finds it)."""
     if config.data.dir:
-        return Path(config.data.dir)
+        return config.data.dir if is_remote(config.data.dir) else Path(config.data.dir)
     return Path(config.data.demo_root) / ("ffcv" if config.data.format == "ffcv" else "shards")
 
 
@@ -58,7 +60,7 @@ def read_classes(run_dir: Path | None, config: Config) -> list[dict]:
         return json.loads((Path(run_dir) / CLASSES_FILE).read_text())
     try:
         return load_manifest(data_directory(config))["classes"]
-    except PrepError as exc:
+    except (PrepError, StoreError) as exc:
         where = f"{run_dir}: no {CLASSES_FILE}, and " if run_dir is not None else ""
         raise RunError(f"{where}the class names of data.dir cannot be read: {exc}") from exc
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config, recipe_path
 from shards.manifest import PrepError
+from shards.store import is_remote
 
 REPO = Path(__file__).resolve().parents[2]
 BEGIN, END = "# >>> sbatch options", "# <<< sbatch options"
@@ -93,8 +94,12 @@ def submit_preparation(args) -> int:
     prep_args = args.prep_args[1:] if args.prep_args[:1] == ["--"] else args.prep_args
     if "--out" not in prep_args:
         raise ConfigError("submit-prep: the data_prep shards arguments need --out DIR")
-    out = Path(prep_args[prep_args.index("--out") + 1]).absolute()
-    logs = out.parent / f"{out.name}-logs"
+    out = prep_args[prep_args.index("--out") + 1]
+    if is_remote(out):  # shards go to an object store: the logs stay here
+        logs = Path.cwd() / f"prep-{out.rstrip('/').rsplit('/', 1)[-1]}-logs"
+    else:
+        out = Path(out).absolute()
+        logs = out.parent / f"{out.name}-logs"
     options = [f"--job-name={args.job_name or 'googlenet-prep'}", f"--array=0-{args.tasks - 1}", "--ntasks=1",
                f"--output={logs}/prep-%A_%a.out", *_scheduling(args)]
     env = {"GOOGLENET_REPO": str(REPO), "GOOGLENET_PYTHON": sys.executable}

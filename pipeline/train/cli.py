@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, load_config, recipe_path
 from shards.manifest import PrepError
 
 EXIT_CONFIG = 2  # the configuration, the prepared data, or a run directory held by another job
-EXIT_BAD_DATA = 3  # a sample that cannot be read (data.on_bad_sample=stop), or too many skipped
+EXIT_BAD_DATA = 3  # a sample that cannot be read (data.on_bad_sample=stop), too many skipped, or the store down
 EXIT_NO_SPACE = 4  # the disk is full (a checkpoint, a log)
 EXIT_PEER = 5  # another process of the job died or stopped responding
 EXIT_STOPPED = 143  # stopped on a signal after writing a checkpoint, not requeued (128 + SIGTERM)
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.data.prepared import BadSampleError
     from pipeline.ops.launch import LaunchError, collective_failure
     from pipeline.ops.run_lock import RunDirInUse
+    from shards.store import StoreError, error_line
 
     from .checkpoint import NoSpaceForCheckpoint
     from .trainer import train
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(exc, EXIT_CONFIG)
     except BadSampleError as exc:
         fail(exc, EXIT_BAD_DATA)
+    except StoreError as exc:  # the object store failed for data.remote_retry_s (or lost a listed shard)
+        fail(error_line(exc), EXIT_BAD_DATA)
     except NoSpaceForCheckpoint as exc:
         fail(exc, EXIT_NO_SPACE)
     except OSError as exc:

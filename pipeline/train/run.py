@@ -200,6 +200,7 @@ def make_input(c: Config, data: PreparedData, accelerator: Accelerator, layout: 
         shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric_in_workers,
         interleave_shards=c.data.interleave_shards, num_classes=data.num_classes,
     )
+    train.open_ahead_until = c.schedule.epochs - 1  # the loader's workers persist over the epochs
     val = EvalStream(data.val, batch_size=eval_batch_size, rank=rank, world_size=world,
                      image_size=c.data.image_size, resize=eval_resize, num_classes=data.num_classes)
     return WebDatasetInput(train, val, c.data.workers, accelerator.device.type == "cuda")
@@ -221,4 +222,5 @@ def describe(run: Run) -> str:
             f"{layout.updates_per_epoch} updates per epoch of {layout.images_per_update} images, "
             f"{layout.total_updates} updates in all, {lr}{ema}"
             # the shard loader's decoding: a Pillow fallback is 2-3x slower, say so
-            + (f"\n{native_status()}" if data.format == "webdataset" and c.data.loader == "webdataset" else ""))
+            + (f"\n{native_status()}" if data.format == "webdataset" and c.data.loader == "webdataset" else "")
+            + (f"\n{data.remote.describe()}" if data.remote is not None else ""))

@@ -25,11 +25,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError, dump
-from pipeline.data.prepared import IGNORE_LABEL, BadSampleError, mix_seed, open_prepared
+from pipeline.data.prepared import IGNORE_LABEL, BadSampleError, RemoteOptions, mix_seed, open_prepared
 from pipeline.ops.launch import on_every_rank
 from pipeline.ops.preemption import REQUEUE
 from pipeline.ops.run_lock import RunDirInUse, acquire
 from shards.manifest import PrepError
+from shards.store import StoreError, error_line
 
 from . import tracking
 from .checkpoint import resume_latest, write_classes
@@ -373,14 +374,15 @@ def train(config: Config) -> dict:
 
         require_ffcv()  # before any data is prepared or opened
     directory = _prepare_demo_once(Path(config.data.demo_root), config.data.format) if config.data.dir is None \
-        else Path(config.data.dir)
+        else config.data.dir
+    remote = RemoteOptions(config.data.remote_retry_s, config.data.cache_dir, config.data.cache_max_gb)
     try:
-        data = open_prepared(directory)
-    except PrepError as exc:
-        raise ConfigError(f"data.dir: {exc}") from exc
+        data = open_prepared(directory, remote)
+    except (PrepError, StoreError) as exc:
+        raise ConfigError(f"data.dir: {error_line(exc)}") from exc
     if data.format != config.data.format:
         raise ConfigError(
-            f"data.format: {config.data.format}, but {directory / 'manifest.json'} describes {data.format} files "
+            f"data.format: {config.data.format}, but {directory}/manifest.json describes {data.format} files "
             f"(set data.format={data.format}, or prepare them with 'python -m data_prep {'ffcv' if config.data.format == 'ffcv' else 'shards'}')"
         )
     return fit(build_run(config, data))
