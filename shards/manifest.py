@@ -48,8 +48,9 @@ def load_manifest(directory: Path | str, store: Store | None = None) -> dict:
             text = store.read(MANIFEST).decode("utf-8", errors="replace")
         except FileNotFoundError:
             store.check_reachable()  # a missing bucket or wrong credentials say so first
-            raise PrepError(f"{path}: no manifest (a wrong prefix? prepare the data with 'python -m data_prep "
-                            f"shards ... --out {store.shown()}')") from None
+            how = ("serve a folder prepared by 'python -m data_prep shards' there" if store.shown().startswith("http")
+                   else f"prepare the data with 'python -m data_prep shards ... --out {store.shown()}'")
+            raise PrepError(f"{path}: no manifest (a wrong prefix? {how})") from None
     else:
         path = Path(directory) / MANIFEST
         if not path.is_file():
