@@ -26,6 +26,8 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # train.collective_timeout_s when null: a checkpoint write is the longest wait of an eager run;
 # compilation (the first step, and the recompiles of evaluation) takes minutes on many ranks.
 COLLECTIVE_TIMEOUT_S = {"eager": 300.0, "compiled": 1800.0}
+FREEZE_CHOICES = ("none", "stem", "all_but_head")
+TRACKERS = ("tensorboard", "mlflow", "wandb", "aim")
 
 
 class ConfigError(ValueError):
@@ -42,7 +44,14 @@ class ModelConfig:
     compile: bool = False  # torch.compile the DDP-wrapped model and the input transform (CUDA and CPU)
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     compile_backend: str = "inductor"  # inductor, or aot_eager/eager (no code generation: fast to compile)
-    weights: str | None = None  # a torchvision GoogLeNet state-dict file on disk to start googlenet_bn from
+    # Start from trained weights (docs/fine-tuning.md): a run directory (its best checkpoint), a
+    # checkpoint directory, a state dict exported by pipeline.inference.export, or torchvision's
+    # GoogLeNet file (googlenet_bn). With other classes than the data's, the classifier layers start fresh.
+    weights: str | None = None
+    freeze: str = "none"  # none, stem (the convolutions before inception 3a), all_but_head (train only the classifiers)
+    # googlenet_bn: map the normalised input to the [-1, 1] scaling torchvision's published weights
+    # expect. null: on when model.weights starts from them (the trainer writes what it chose).
+    transform_input: bool | None = None
 
 
 @dataclass
@@ -99,6 +108,7 @@ class OptimConfig:
     weight_decay: float = 2e-4
     decay_bias_and_norm: bool = True  # false: no weight decay on biases and normalisation layers
     bias_lr_factor: float = 1.0  # biases learn at this x lr (Caffe's lr_mult: 2 in BVLC's GoogLeNet)
+    head_lr_factor: float = 1.0  # the classifier layers learn at this x lr (fine-tuning: a fresh head, e.g. 10)
     label_smoothing: float = 0.0
     grad_accum: int = 1
     clip_grad_norm: float | None = None
@@ -137,6 +147,10 @@ class TrainConfig:
     log_every_steps: int = 20
     image_grid: bool = True  # a grid of augmented training images once per epoch
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
+    # Where the scalars go (docs/logging.md): any of tensorboard, mlflow, wandb, aim, through
+    # Accelerate's trackers; metrics.jsonl is always written.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str | None = None  # MLflow experiment, W&B project, Aim experiment; null: googlenet
     # How long a process waits in a collective for the others before the job ends (a dead node,
     # a hung process). It must cover the longest legitimate wait: a checkpoint write, compilation.
     # null: 300 s, or 1800 s with model.compile (see COLLECTIVE_TIMEOUT_S).
@@ -331,6 +345,7 @@ def validate(c: Config) -> None:
     _check(c.model.aux_weight >= 0, "model.aux_weight", c.model.aux_weight, ">= 0")
     _check(c.model.dropout is None or 0 <= c.model.dropout < 1, "model.dropout", c.model.dropout, "[0, 1)")
     _check(c.model.weights is None or c.model.weights.strip() != "", "model.weights", c.model.weights, "null or a file path")
+    _check(c.model.freeze in FREEZE_CHOICES, "model.freeze", c.model.freeze, ", ".join(FREEZE_CHOICES))
     _check(c.data.format in ("webdataset", "ffcv"), "data.format", c.data.format, "webdataset or ffcv")
     _check(c.data.image_size >= 16, "data.image_size", c.data.image_size, ">= 16")
     _check(c.data.eval_resize is None or c.data.eval_resize >= c.data.image_size,
@@ -362,6 +377,7 @@ def validate(c: Config) -> None:
     _check(o.lr_max_batch is None or o.lr_max_batch >= o.lr_base_batch, "optim.lr_max_batch", o.lr_max_batch,
            "null or >= optim.lr_base_batch")
     _check(o.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", o.lr_scaling, "linear, sqrt or none")
+    _check(o.head_lr_factor > 0, "optim.head_lr_factor", o.head_lr_factor, "> 0")
     _check(o.bias_lr_factor > 0, "optim.bias_lr_factor", o.bias_lr_factor, "> 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "[0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
@@ -387,6 +403,8 @@ def validate(c: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(bool(t.log_with) and len(set(t.log_with)) == len(t.log_with) and set(t.log_with) <= set(TRACKERS),
+           "train.log_with", t.log_with, f"a list of distinct names among {', '.join(TRACKERS)}")
     _check(t.preemption_poll_steps >= 1, "train.preemption_poll_steps", t.preemption_poll_steps, ">= 1")
     _check(c.model.compile_mode in COMPILE_MODES, "model.compile_mode", c.model.compile_mode, ", ".join(COMPILE_MODES))
     _check(c.model.compile_backend in COMPILE_BACKENDS, "model.compile_backend", c.model.compile_backend,

@@ -32,7 +32,6 @@ in eval mode or when the model has no auxiliary heads.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -45,9 +44,9 @@ __all__ = [
     "GoogLeNet",
     "ModelOutput",
     "build_model",
+    "classifier_layers",
     "count_parameters",
     "forward_with_aux",
-    "load_torchvision_weights",
     "use_torchvision_input",
     "valid_model_names",
 ]
@@ -298,39 +297,32 @@ def use_torchvision_input(model: nn.Module) -> None:
     model.transform_input = True
 
 
-def load_torchvision_weights(model: nn.Module, path: str | Path) -> None:
-    """Start a ``googlenet_bn`` model from a torchvision GoogLeNet state-dict file on disk (such as
-    ``googlenet-1378be20.pth``, torchvision's IMAGENET1K_V1; nothing is downloaded), as
-    ``torchvision.models.googlenet(weights=...)`` would: the file's auxiliary heads (present in
-    torchvision's file but not trained) are loaded when the model has heads and dropped otherwise,
-    and ``transform_input`` is turned on (:func:`use_torchvision_input`). The file must have the
-    model's number of classes. ValueError naming the file for anything that does not fit."""
-    use_torchvision_input(model)
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a PyTorch state-dict file ({exc})") from exc
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ValueError(f"{path}: not a torchvision GoogLeNet state dict (no 'fc.weight')")
-    file_classes, classes = state["fc.weight"].shape[0], model.fc.out_features
-    if file_classes != classes:
-        raise ValueError(f"{path} has {file_classes} classes but the data has {classes}")
-    aux = ("aux1.", "aux2.")
-    has_aux = model.aux1 is not None
-    if not has_aux:
-        state = {k: v for k, v in state.items() if not k.startswith(aux)}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"{path}: does not fit torchvision's GoogLeNet ({exc})") from exc
-    if has_aux:  # a file without heads: the model keeps its freshly initialised ones
-        missing = [k for k in missing if not k.startswith(aux)]
-    if missing or unexpected:
-        raise ValueError(f"{path}: not torchvision's GoogLeNet: {len(missing)} missing keys (first: {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
+# The layers before inception 3a, in both GoogLeNets (conv1 7x7/2, conv2 1x1, conv3 3x3; LRN and
+# pools have no parameters): what ``model.freeze: stem`` freezes.
+STEM_LAYERS = ("conv1", "conv2", "conv3")
+
+
+def classifier_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The layers whose outputs are the class scores, by name: ``fc`` and, when the model has
+    them, the auxiliary heads' last layers (``aux1.fc2``, ``aux2.fc2``; ``AuxLogits.fc`` for
+    inception_v3). For other torchvision models: the Linear layers with as many outputs as the
+    last one (``fc`` for ResNets, ``classifier.6`` for VGG). These are what fine-tuning onto
+    other classes starts fresh and what ``optim.head_lr_factor`` applies to."""
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not linear:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier layer")
+    classes = list(linear.values())[-1].out_features
+    named = ("fc", "aux1.fc2", "aux2.fc2", "AuxLogits.fc")
+    if isinstance(model, (GoogLeNet, torchvision.models.GoogLeNet, torchvision.models.Inception3)):
+        return {name: linear[name] for name in named if name in linear}
+    return {name: m for name, m in linear.items() if m.out_features == classes}
+
+
+def stem_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The convolutions before the first inception module of either GoogLeNet, by name."""
+    if not isinstance(model, (GoogLeNet, torchvision.models.GoogLeNet)):
+        raise ValueError(f"the stem is defined for googlenet and googlenet_bn, not {type(model).__name__}")
+    return {name: getattr(model, name) for name in STEM_LAYERS}
 
 
 def _aux_modules(model: nn.Module) -> list[nn.Module]:

@@ -4,16 +4,18 @@
 #   bash scripts/setup.sh            # the pipeline
 #   bash scripts/setup.sh --ffcv     # the pipeline plus the optional FFCV storage format
 #   bash scripts/setup.sh --remote   # the pipeline plus reading/writing shards in S3, GCS or over HTTPS
-#   bash scripts/setup.sh --test     # the pipeline, FFCV, object stores, and what the test suite needs
+#   bash scripts/setup.sh --trackers # the pipeline plus MLflow, Weights & Biases and Aim (train.log_with)
+#   bash scripts/setup.sh --test     # the pipeline, FFCV, object stores, the trackers, and what the tests need
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras+=(test ffcv remote) ;;
+    --test) extras+=(test ffcv remote trackers) ;;
     --ffcv) extras+=(ffcv) ;;
     --remote) extras+=(remote) ;;
+    --trackers) extras+=(trackers) ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

@@ -39,7 +39,8 @@ from pipeline.inference.multi_crop import (
     ten_crops,
 )
 from pipeline.inference.run_files import load_initial_model, load_model
-from pipeline.models import build_model, forward_with_aux, load_torchvision_weights
+from pipeline.models import forward_with_aux
+from pipeline.train.run import build_network
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +311,13 @@ def test_a_checkpoint_directory_names_its_run(runs):
 
 # ----------------------------------------------------------------------------- torchvision weights
 
+def start_from(weights: Path, classes: int, *overrides: str) -> tuple[torch.nn.Module, list[str]]:
+    """googlenet_bn as the trainer starts it from a weights file, and the lines it printed."""
+    lines = []
+    config = load_config(None, ["model.name=googlenet_bn", f"model.weights={weights}", *overrides])
+    return build_network(config, classes, say=lines.append), lines
+
+
 @pytest.mark.slow
 def test_torchvision_weights_behave_as_torchvisions_googlenet_with_weights(tmp_path):
     path = torchvision_weights(tmp_path / "tv.pth", num_classes=5)
@@ -321,23 +329,23 @@ def test_torchvision_weights_behave_as_torchvisions_googlenet_with_weights(tmp_p
     reference.load_state_dict(state)
     x = torch.randn(2, 3, 64, 64)
     for aux_logits in (False, True):
-        model = build_model("googlenet_bn", 5, aux_logits=aux_logits)
-        load_torchvision_weights(model, path)
-        assert model.transform_input
+        model, lines = start_from(path, 5, f"model.aux_logits={aux_logits}")
+        assert model.transform_input and lines == [f"model.weights: googlenet_bn from {path} (torchvision's input "
+                                                   f"convention)"]
         torch.testing.assert_close(model.eval()(x), reference.eval()(x))
     assert torch.equal(model.aux1.fc2.weight, state["aux1.fc2.weight"])
     no_heads = torchvision_weights(tmp_path / "no-heads.pth", num_classes=5, aux_logits=False)
-    load_torchvision_weights(build_model("googlenet_bn", 5, aux_logits=True), no_heads)  # heads stay initialised
-    for model, file, message in [
-        (build_model("googlenet_bn", 10), path, "tv.pth has 5 classes but the data has 10"),
-        (build_model("googlenet_bn", 5), tmp_path / "missing.pth", "missing.pth: no such file"),
-        (build_model("googlenet", 5), path, "only googlenet_bn"),
+    _, lines = start_from(no_heads, 5)  # the model's heads stay initialised, and the line says so
+    assert "aux1, aux2 start fresh (not in the weights)" in lines[0]
+    for file, overrides, message in [
+        (tmp_path / "missing.pth", [], "missing.pth: no such run directory, checkpoint directory or weights file"),
+        (path, ["model.name=googlenet"], "looks like torchvision's GoogLeNet file, which only googlenet_bn takes"),
     ]:
-        with pytest.raises(ValueError, match=message):
-            load_torchvision_weights(model, file)
+        with pytest.raises(ConfigError, match=message):
+            build_network(load_config(None, [f"model.weights={file}", *overrides]), 5)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth: not a PyTorch state-dict file"):
-        load_torchvision_weights(build_model("googlenet_bn", 5), tmp_path / "junk.pth")
+    with pytest.raises(ConfigError, match="junk.pth: not a PyTorch state-dict file"):
+        start_from(tmp_path / "junk.pth", 5)
     with pytest.raises(ConfigError, match="model.weights: '' is out of range"):
         load_config(None, ["model.weights=''"])
 
@@ -359,5 +367,5 @@ def test_the_trainer_starts_from_torchvision_weights_and_evaluation_sees_them(ru
     assert report["rows"][0]["top1_error"] == pytest.approx(expected[(1, 1)], abs=1e-9)
     # a missing weights file stops the trainer with one line
     missing = train_process(tiny_data, runs["root"], "fails", "model.name=googlenet_bn", "model.weights=/no/such.pth")
-    assert missing.returncode == 2 and "error: model.weights: /no/such.pth: no such file" in missing.stderr
+    assert missing.returncode == 2 and "error: model.weights: /no/such.pth: no such run directory, checkpoint directory or weights file" in missing.stderr
 

@@ -9,7 +9,9 @@
 - ``onnx``: the same through ``torch.onnx.export`` (torch.export based; needs ``onnx`` and
   ``onnxscript``: ``pip install '.[export]'``), with a dynamic batch dimension.
 
-Next to the file, ``FILE.json`` records the classes, the input size and the normalisation.
+Next to the file, ``FILE.json`` records the classes, the input size and the normalisation, and
+what rebuilding the model needs (``aux_logits``, ``transform_input``, ``dropout``), with which
+``torch.hub.load(..., weights=FILE)`` loads a state dict (``hub``).
 """
 from __future__ import annotations
 
@@ -87,6 +89,9 @@ def export(loaded: LoadedModel, fmt: str, out: Path) -> Path:
         "input": f"float32 [N, 3, {size}, {size}] RGB: pixels / 255, then (x - mean) / std per channel",
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "output": "logits [N, classes]",
         "builds_with": torchvision_constructor(loaded),
+        # what rebuilding the model needs (torch.hub's entry points, pipeline/inference/hub.py)
+        "num_classes": len(loaded.classes), "aux_logits": loaded.config.model.aux_logits,
+        "transform_input": bool(getattr(loaded.model, "transform_input", False)), "dropout": loaded.config.model.dropout,
     }
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out

@@ -17,18 +17,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.models import build_model, load_torchvision_weights, use_torchvision_input
-from pipeline.train.checkpoint import BEST_FILE, CLASSES_FILE, STATE_FILE, CheckpointManager, bare_keys
+from pipeline.models import build_model, use_torchvision_input
+from pipeline.train.checkpoint import CLASSES_FILE, bare_keys
+from pipeline.train.saved_runs import (  # noqa: F401 (CHECKPOINT_CHOICES, pick_checkpoint: this module's API too)
+    CHECKPOINT_CHOICES,
+    CONFIG_FILE,
+    MODEL_FILE,
+    RunError,
+    ema_state,
+    locate,
+    pick_checkpoint,
+)
 from shards.manifest import PrepError, load_manifest
 from shards.store import StoreError, is_remote
-
-CONFIG_FILE = "config.yaml"
-MODEL_FILE = "model.safetensors"
-CHECKPOINT_CHOICES = ("best", "last")
-
-
-class RunError(ValueError):
-    """A run, checkpoint or weights file that cannot be used; the message names the path."""
 
 
 @dataclass
@@ -65,64 +66,15 @@ def read_classes(run_dir: Path | None, config: Config) -> list[dict]:
         raise RunError(f"{where}the class names of data.dir cannot be read: {exc}") from exc
 
 
-def locate(path: str | Path, which: str = "best", ema: bool = False) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) for a run directory (checkpoint ``which``: best or
-    last; the EMA's best with ``ema``) or for a checkpoint directory (whose run is its grandparent)."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path, pick_checkpoint(path, which, ema)
-    if (path / MODEL_FILE).is_file():
-        run_dir = path.parent.parent
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise RunError(f"{path}: a checkpoint outside a run directory ({run_dir / CONFIG_FILE} is missing)")
-        return run_dir, path
-    if not path.exists():
-        raise RunError(f"{path}: no such run or checkpoint directory")
-    raise RunError(f"{path}: neither a run directory (no {CONFIG_FILE}) nor a checkpoint directory (no {MODEL_FILE})")
-
-
-def pick_checkpoint(run_dir: Path, which: str, ema: bool = False) -> Path:
-    """``best`` (as ``best.json`` names it for the trained weights, or with ``ema`` for their
-    average; the newest when the run never evaluated), ``last``, or a checkpoint directory."""
-    checkpoints = CheckpointManager(run_dir / "checkpoints", accelerator=None, keep_last=0)
-    if which not in CHECKPOINT_CHOICES:
-        path = Path(which)
-        if not (path / MODEL_FILE).is_file():
-            raise RunError(f"{path}: not a checkpoint directory (no {MODEL_FILE}); use best, last or a path")
-        if path.resolve().parent.parent != run_dir.resolve():
-            raise RunError(f"{path}: a checkpoint of another run than {run_dir}")
-        return path
-    latest = checkpoints.latest()
-    if latest is None:
-        raise RunError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    best = checkpoints.best("ema" if ema else "model") if which == "best" else None
-    if best is None:
-        return latest
-    path = checkpoints.directory / best["checkpoint"]
-    if not (path / STATE_FILE).is_file():
-        raise RunError(f"{checkpoints.directory / BEST_FILE} names {best['checkpoint']}, which is missing")
-    return path
-
-
-def _ema_state(checkpoint: Path, run_dir: Path, config: Config) -> dict:
-    """The EMA's weights from a checkpoint: the custom object whose state has ``n_averaged``
-    (torch's ``AveragedModel``), with its ``module.`` prefix taken off."""
-    if not config.ema.enabled:
-        raise RunError(f"{run_dir} was trained without EMA (ema.enabled: false); leave out --ema")
-    for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            continue  # the scheduler's state, or anything else that is not plain tensors
-        if isinstance(state, dict) and "n_averaged" in state:
-            return bare_keys({k: v for k, v in state.items() if k != "n_averaged"})
-    raise RunError(f"{checkpoint}: no EMA state among its custom_checkpoint_*.pkl files")
-
-
 def build_for(config: Config, classes: list[dict]) -> nn.Module:
-    """The untrained model of a configuration, with the input convention its weights need."""
+    """The untrained model of a configuration, with the input convention its weights need
+    (``model.transform_input``, which the trainer resolves and writes into config.yaml; runs of
+    earlier versions left it null and had it on exactly when they started from ``model.weights``)."""
     model = build_model(config.model.name, len(classes), config.model.aux_logits, config.model.dropout)
-    if config.model.weights:
+    transform_input = config.model.transform_input
+    if transform_input is None:
+        transform_input = bool(config.model.weights)
+    if transform_input:
         use_torchvision_input(model)
     return model
 
@@ -137,7 +89,7 @@ def load_model(path: str | Path, which: str = "best", ema: bool = False,
         raise RunError(f"{run_dir / CONFIG_FILE}: {exc}") from exc
     classes = read_classes(run_dir, config)
     model = build_for(config, classes)
-    state = _ema_state(checkpoint, run_dir, config) if ema else bare_keys(load_file(checkpoint / MODEL_FILE))
+    state = ema_state(checkpoint, run_dir, config) if ema else bare_keys(load_file(checkpoint / MODEL_FILE))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -150,10 +102,11 @@ def load_initial_model(config: Config, device: str | torch.device = "cpu") -> Lo
     torchvision's published GoogLeNet weights, to check the data and the evaluation)."""
     if not config.model.weights:
         raise RunError("model.weights: not set; without it the model of a recipe is untrained")
+    from pipeline.train.run import build_network  # the trainer's modules: not needed to read a run (torch.hub)
+
     classes = read_classes(None, config)
-    model = build_for(config, classes)
     try:
-        load_torchvision_weights(model, config.model.weights)
-    except ValueError as exc:
-        raise RunError(f"model.weights: {exc}") from exc
+        model = build_network(config, len(classes), [c["id"] for c in classes])
+    except ConfigError as exc:
+        raise RunError(str(exc)) from exc
     return LoadedModel(model.to(device).eval(), config, classes, None, None)

@@ -39,7 +39,9 @@ def make_accelerator(config: Config, *, compile_model: bool = False) -> Accelera
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
-        log_with="tensorboard",
+        # TensorBoard only: pipeline.train.trackers starts the others itself, so that one that
+        # cannot be reached is a warning rather than the end of the run.
+        log_with=["tensorboard"] if "tensorboard" in config.train.log_with else None,
         project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))],
         dynamo_plugin=TorchDynamoPlugin(backend=config.model.compile_backend, mode=config.model.compile_mode)

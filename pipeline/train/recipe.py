@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import Config, ConfigError, EmaConfig, OptimConfig, ScheduleConfig
+from pipeline.models import classifier_layers
 
 
 @dataclass(frozen=True)
@@ -115,23 +116,31 @@ def _is_bias(name: str, param: torch.Tensor) -> bool:
 
 def param_groups(model: torch.nn.Module, lr: float, optim: OptimConfig) -> list[dict]:
     """Weights; biases (at ``bias_lr_factor`` x lr, as Caffe's ``lr_mult: 2``); normalisation
-    scales. Biases and norms are decayed only with ``decay_bias_and_norm``. Empty groups are left
-    out; the first group is always the weights, whose lr is the one logged."""
-    weights, biases, norms = [], [], []
+    scales; then the classifier layers' weights and biases at ``head_lr_factor`` times those
+    (``pipeline.models.classifier_layers``). Biases and norms are decayed only with
+    ``decay_bias_and_norm``; frozen parameters are left out, and so are empty groups. Each group
+    carries its ``lr_factor``, so that the scheduled lr can be read from any of them."""
+    head = {id(p) for layer in classifier_layers(model).values() for p in layer.parameters()} \
+        if optim.head_lr_factor != 1.0 else set()
+    other_decay = optim.weight_decay if optim.decay_bias_and_norm else 0.0
+    groups = {(part, kind): [] for part in ("body", "head") for kind in ("weights", "biases", "norms")}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim > 1:
-            weights.append(p)
-        else:
-            (biases if _is_bias(name, p) else norms).append(p)
-    other_decay = optim.weight_decay if optim.decay_bias_and_norm else 0.0
-    groups = [
-        {"params": weights, "lr": lr, "weight_decay": optim.weight_decay},
-        {"params": biases, "lr": lr * optim.bias_lr_factor, "weight_decay": other_decay},
-        {"params": norms, "lr": lr, "weight_decay": other_decay},
-    ]
-    return [g for g in groups if g["params"]]
+        kind = "weights" if p.ndim > 1 else "biases" if _is_bias(name, p) else "norms"
+        groups["head" if id(p) in head else "body", kind].append(p)
+    built = []
+    for (part, kind), params in groups.items():
+        factor = (optim.head_lr_factor if part == "head" else 1.0) * (optim.bias_lr_factor if kind == "biases" else 1.0)
+        built.append({"params": params, "lr": lr * factor, "lr_factor": factor,
+                      "weight_decay": optim.weight_decay if kind == "weights" else other_decay})
+    return [g for g in built if g["params"]]
+
+
+def scheduled_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr the schedule is at now, without any group's factor (the one logged)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_factor", 1.0)
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:

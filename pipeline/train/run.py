@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +20,20 @@ from tqdm import tqdm
 from imaging.crops import eval_resize_for
 from imaging.jpeg_region import native_status
 from imaging.specs import CropSpec, PhotometricSpec
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.device_augment import DeviceInput
 from pipeline.data.prepared import PreparedData
 from pipeline.data.webdataset_input import EvalStream, TrainStream, WebDatasetInput
-from pipeline.models import build_model, load_torchvision_weights
+from pipeline.models import build_model, use_torchvision_input
 from pipeline.ops.launch import loader_workers, make_accelerator
 from pipeline.ops.preemption import PreemptionWatch
 from pipeline.ops.run_lock import RunLock
 
 from .bad_samples import BadSamples
 from .checkpoint import CheckpointManager, save_plain_weights
+from .fine_tune import freeze, load_start_weights
 from .recipe import BatchLayout, build_optimizer, ema_decay, layout_for, scaled_lr, scaling_warnings, warmup_epochs
+from .saved_runs import CONFIG_FILE
 from .schedule import build_scheduler
 
 
@@ -90,17 +93,36 @@ class Run:
                 "schedule": dataclasses.asdict(c.schedule), "seed": c.seed}
 
 
-def build_network(config: Config, num_classes: int) -> torch.nn.Module:
-    """The model a run starts from: seeded, so every process (and a test) builds the same weights."""
+def build_network(config: Config, num_classes: int, class_ids: list[str] | None = None,
+                  say: Callable[[str], None] = lambda line: None, resuming: bool = False) -> torch.nn.Module:
+    """The model a run starts from, seeded, so that every process (and a test) builds the same
+    weights: fresh, or from ``model.weights`` (resolving ``model.transform_input``), then frozen
+    as ``model.freeze`` says; ``say`` gets the lines that tell what was loaded and frozen.
+    ``class_ids``: the data's, to tell whether the weights' classifier fits (else the count does).
+    ``resuming``: the run has a checkpoint, which replaces the start weights, so they are not read
+    (they may be gone); their input convention is the one the run's config.yaml recorded."""
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, num_classes, config.model.aux_logits, config.model.dropout)
-    if config.model.weights:
+    notes = []
+    if config.model.weights and resuming:
+        if config.model.transform_input is None and (config.run_dir / CONFIG_FILE).is_file():
+            config.model.transform_input = load_config(config.run_dir / CONFIG_FILE).model.transform_input
+        notes.append(f"model.weights: not read; the run resumes from its checkpoint ({config.model.weights} "
+                     f"started it)")
+    elif config.model.weights:
+        notes.append(load_start_weights(model, config, class_ids))
+    if config.model.transform_input:
         try:
-            load_torchvision_weights(model, config.model.weights)
+            use_torchvision_input(model)
         except ValueError as exc:
-            raise ConfigError(f"model.weights: {exc}") from exc
+            raise ConfigError(f"model.transform_input: {exc}") from exc
+    config.model.transform_input = bool(config.model.transform_input)  # written into config.yaml as chosen
+    notes.append(freeze(model, config.model.freeze))
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    for note in notes:
+        if note:
+            say(note)
     return model
 
 
@@ -122,7 +144,9 @@ def build_run(config: Config, data: PreparedData) -> Run:
         for warning in scaling_warnings(c.optim, c.schedule, layout.images_per_update):
             tqdm.write(f"warning: {warning}", file=sys.stderr)
 
-    model = build_network(c, data.num_classes)
+    say = (lambda line: tqdm.write(line, file=sys.stderr)) if accelerator.is_main_process else (lambda line: None)
+    resuming = CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints).latest() is not None
+    model = build_network(c, data.num_classes, [entry["id"] for entry in data.classes], say, resuming)
     # Not under fp16: with a fused optimizer the GradScaler lets it skip an overflowing update
     # inside its kernel, and step_was_skipped no longer tells (the EMA would average the skip).
     optimizer = build_optimizer(model, lr, c.optim, fused=c.train.mixed_precision != "fp16")

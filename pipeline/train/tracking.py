@@ -1,4 +1,5 @@
-"""TensorBoard (through Accelerate's tracker) and ``metrics.jsonl``, from the main process only.
+"""TensorBoard (through Accelerate's tracker, when ``train.log_with`` names it) and ``metrics.jsonl``,
+from the main process only; ``trackers`` sends the scalars on to every tracker chosen.
 
 Everything for step S is logged before checkpoint S is written. On resume from checkpoint S,
 TensorBoard's ``purge_step=S+1`` hides whatever the interrupted run logged after S, and
@@ -28,10 +29,19 @@ def start_tracking(accelerator, run_dir: Path, resume_step: int, config_text: st
     if accelerator.is_main_process:
         for name in (METRICS_FILE, SKIPPED_FILE):
             _truncate(run_dir / name, resume_step)
-        if not resume_step:
+        board = tensorboard(accelerator)
+        if board is not None and not resume_step:
             # Markdown code block, so TensorBoard's text tab shows the YAML as written.
             text = "    " + config_text.replace("\n", "\n    ")
-            accelerator.get_tracker("tensorboard").log({"config": text}, step=0)
+            board.log({"config": text}, step=0)
+
+
+def tensorboard(accelerator):
+    """Accelerate's TensorBoard tracker on the main process; None elsewhere, or when
+    ``train.log_with`` leaves TensorBoard out (the Accelerator then has no tracker)."""
+    if not accelerator.is_main_process:
+        return None
+    return next((tracker for tracker in accelerator.trackers if tracker.name == "tensorboard"), None)
 
 
 def _truncate(path: Path, resume_step: int) -> None:
@@ -60,8 +70,9 @@ def append_records(accelerator, path: Path, records: list[dict]) -> None:
 
 
 def log_image_grid(accelerator, images: torch.Tensor, step: int, count: int = 32) -> None:
-    """The first ``count`` network inputs (normalised) back in [0, 1], as one grid."""
-    if not accelerator.is_main_process:
+    """The first ``count`` network inputs (normalised) back in [0, 1], as one grid (TensorBoard only)."""
+    board = tensorboard(accelerator)
+    if board is None:
         return
     from torchvision.utils import make_grid
 
@@ -69,7 +80,7 @@ def log_image_grid(accelerator, images: torch.Tensor, step: int, count: int = 32
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     grid = make_grid((batch * std + mean).clamp(0, 1), nrow=8)
-    accelerator.get_tracker("tensorboard").log_images({"train/augmented_images": grid[None]}, step=step)
+    board.log_images({"train/augmented_images": grid[None]}, step=step)
 
 
 class LogWindow:

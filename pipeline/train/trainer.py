@@ -6,7 +6,8 @@
 The pieces live beside this file, one stage each: ``run`` (building those objects), ``recipe``
 (batch layout, scaled lr, warm-up, EMA decay, parameter groups), ``schedule``, ``step`` (loss,
 optimizer step), ``ema`` (the average's update), ``validate``, ``checkpoint`` (atomic saves, best,
-resume) and ``tracking`` (TensorBoard, metrics.jsonl); loader batches become network inputs
+resume), ``tracking`` (TensorBoard, metrics.jsonl) and ``trackers`` (every tracker of
+``train.log_with``: TensorBoard, MLflow, W&B, Aim); loader batches become network inputs
 in ``pipeline.data.device_augment``, and stop signals are watched by ``pipeline.ops.preemption``.
 
 Within an update nothing is read back from the device, so the host runs ahead of it: counts
@@ -36,8 +37,10 @@ from . import tracking
 from .checkpoint import resume_latest, write_classes
 from .ema import sync_ema_buffers, update_ema
 from .metrics import Tally
+from .recipe import scheduled_lr
 from .run import Progress, Run, build_run, describe
 from .step import compute_loss, optimizer_step
+from .trackers import open_trackers, require_installed
 from .validate import validate
 
 
@@ -190,7 +193,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
                 raise Preempted(asked)
     epoch_done = end_update == layout.updates_per_epoch  # else the run ends mid-epoch (max_steps)
     seconds = time.perf_counter() - epoch_start
-    return end_epoch(run, epoch, epoch_tally, epoch_images / seconds, epoch_wait / seconds, epoch_done)
+    return end_epoch(run, epoch, epoch_tally, epoch_images / seconds, epoch_wait / seconds, epoch_done, tracker)
 
 
 class EpochBatches:
@@ -223,7 +226,7 @@ class EpochBatches:
 
 
 def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
-    values = window.values(run.accelerator, run.scheduler.get_last_lr()[0])
+    values = window.values(run.accelerator, scheduled_lr(run.optimizer))
     if run.progress.skipped_steps:
         values["train/skipped_steps"] = run.progress.skipped_steps
     # At the same steps on every rank, beside the window's own reduce: stop alike, or record and
@@ -237,7 +240,7 @@ def log_window(run: Run, window: tracking.LogWindow, tracker, bar) -> None:
 
 
 def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, data_wait_fraction: float,
-              epoch_done: bool) -> dict:
+              epoch_done: bool, tracker) -> dict:
     """Validate the trained weights and their EMA (every ``eval_every_epochs`` and at the end),
     log, mark the best of each, and save a checkpoint."""
     acc, c, progress, layout = run.accelerator, run.config, run.progress, run.layout
@@ -247,7 +250,7 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, data_wa
     step = progress.step
     final = step >= layout.total_updates
     record = {"epoch": epoch + 1 if epoch_done else epoch + step % layout.updates_per_epoch / layout.updates_per_epoch,
-              "step": step, "lr": run.scheduler.get_last_lr()[0]}
+              "step": step, "lr": scheduled_lr(run.optimizer)}
     if not ((epoch + 1) % c.train.eval_every_epochs == 0 or final):
         save_checkpoint(run)
         return record
@@ -275,8 +278,8 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, data_wa
         ema = results["ema"]
         record.update({"ema_val_top1_error": ema["top1_error"], "ema_val_top5_error": ema["top5_error"]})
         values.update({"val_ema/top1_error": ema["top1_error"], "val_ema/top5_error": ema["top5_error"]})
-    if acc.is_main_process:
-        acc.get_tracker("tensorboard").log(values, step=step)
+    if tracker is not None:
+        tracker.log(values, step=step)
     tracking.append_metrics(acc, run.run_dir, record)
     run.log(
         f"epoch {record['epoch']:g}: step {step}, train loss {train['loss']:.3f}, "
@@ -335,7 +338,7 @@ def train_and_validate(run: Run) -> dict:
         (run.run_dir / "config.yaml").write_text(dump(c))
         write_classes(run.run_dir, run.data.classes)  # for evaluation and prediction
     tracking.start_tracking(acc, run.run_dir, run.progress.step, dump(c))
-    tracker = acc.get_tracker("tensorboard") if acc.is_main_process else None
+    tracker = open_trackers(acc, c, tracking.tensorboard(acc))  # None on the other processes
     if tracker is not None and run.progress.step == 0:  # what the recipe became at this scale
         tracker.log({"recipe/lr": run.lr, **({"recipe/ema_decay": run.ema_decay} if run.ema else {})}, step=0)
     run.log(describe(run))
@@ -354,21 +357,31 @@ def train_and_validate(run: Run) -> dict:
             requeued, outcome = run.preemption.requeue()
         run.log(f"stopped at step {run.progress.step} on {'SIGUSR2' if stop.requeue else 'SIGTERM'}, "
                 f"checkpoint written; {outcome}")
+        if tracker is not None:
+            tracker.finish()
         acc.end_training()
         return {"preempted_at_step": run.progress.step, "requeued": requeued or (stop.requeue and not acc.is_main_process)}
+    except BaseException:
+        if tracker is not None:  # what was logged before the failure still reaches the trackers, and their runs close
+            tracker.finish(wait_s=30)
+        raise
     sync_buffers(run)
     check_replicas(run)
     result = (f", validation top-1/top-5 error {last_record['val_top1_error']:.3f}/{last_record['val_top5_error']:.3f}"
               if "val_top1_error" in last_record else "")
     skipped = f", {run.progress.skipped_steps} fp16 steps skipped" if run.progress.skipped_steps else ""
-    run.log(f"done in {time.perf_counter() - started:.0f}s{result}{skipped}. "
-            f"TensorBoard: tensorboard --logdir {run.run_dir / tracking.TRACKER_DIR}")
+    run.log(f"done in {time.perf_counter() - started:.0f}s{result}{skipped}."
+            + (f" TensorBoard: tensorboard --logdir {run.run_dir / tracking.TRACKER_DIR}"
+               if "tensorboard" in c.train.log_with else ""))
+    if tracker is not None:
+        tracker.finish()
     acc.end_training()
     return last_record
 
 
 def train(config: Config) -> dict:
     """Open the prepared data a configuration names (preparing the demo's on first use) and train."""
+    require_installed(config.train.log_with)  # before any data is prepared or opened
     if config.data.format == "ffcv":
         from pipeline.data.ffcv_input import require_ffcv
 
