@@ -44,6 +44,11 @@ def submit(cluster: SlurmCluster, *args: str) -> tuple[str, str]:
     return re.search(r"submitted job (\d+)", result.stdout).group(1), result.stdout
 
 
+# How long a test waits for a training job: a guard against a hung job, not a speed bound (the
+# jobs' own limit is 20 minutes; a loaded 2-core machine took over 300 s for one that needs 90).
+JOB_WAIT_S = 1200
+
+
 def train_job(cluster, tiny_data, out: Path, name: str) -> tuple[str, Path]:
     job, printed = submit(cluster, "submit", "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "1",
                           "--time", "00:20:00", *JOB, f"data.dir={tiny_data}", f"output_dir={out}", f"name={name}")
@@ -77,7 +82,7 @@ def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "slurm runs 'quoted'"  # spaces and quotes survive
     submitted_at = time.time()
     job, run_dir = train_job(cluster, tiny_data, out, "straight")
-    state = cluster.wait_for(job, timeout=300)
+    state = cluster.wait_for(job, timeout=JOB_WAIT_S)
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-4000:]
     assert "2 nodes x 1 processes" in log and "2 processes on cpu" in log
@@ -98,13 +103,13 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
         pytest.skip("needs the uninterrupted run of test_two_node_training_job")
     job, run_dir = train_job(cluster, tiny_data, out, "preempted")
     tensorboard = run_dir / "tensorboard"
-    deadline = time.time() + 300
+    deadline = time.time() + JOB_WAIT_S
     while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():  # into epoch 2
         time.sleep(0.2)
     time.sleep(1.0)
     signalled_at = time.time()
     cluster.run("scancel", "--signal=USR2", job)  # what --signal=USR2@120 sends before the time limit
-    state = cluster.wait_for(job, timeout=300)
+    state = cluster.wait_for(job, timeout=JOB_WAIT_S)
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-4000:]
     assert "checkpoint written; job " + job + " requeued" in log
