@@ -325,10 +325,16 @@ def stem_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: getattr(model, name) for name in STEM_LAYERS}
 
 
+# The auxiliary heads' attribute names (ours and torchvision's googlenet; inception_v3), and the
+# prefixes of their keys in a state dict.
+AUX_HEADS = ("aux1", "aux2", "AuxLogits")
+AUX_PREFIXES = tuple(f"{head}." for head in AUX_HEADS)
+
+
 def _aux_modules(model: nn.Module) -> list[nn.Module]:
     """The auxiliary heads of a model (ours, torchvision's googlenet and inception_v3)."""
     heads = []
-    for attr in ("aux1", "aux2", "AuxLogits"):
+    for attr in AUX_HEADS:
         m = getattr(model, attr, None)
         if isinstance(m, nn.Module):
             heads.append(m)

@@ -49,6 +49,20 @@ def baked_data(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture(scope="session")
+def inference_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """Three tiny trained runs (2 steps each), trained together, for the tests of prediction,
+    export and the hub: the paper's GoogLeNet, googlenet_bn with EMA, and AlexNet at 64 px. The
+    tests read them and write only under their ``export/``."""
+    from tiny_runs import train_together  # tiny_runs imports this module
+
+    return train_together(tiny_data, tmp_path_factory.mktemp("inference-runs"), {
+        "googlenet": ["model.name=googlenet", "train.max_steps=2"],
+        "googlenet_bn": ["model.name=googlenet_bn", "ema.enabled=true", "train.max_steps=2"],
+        "alexnet": ["model.name=alexnet", "data.image_size=64", "train.max_steps=2"],
+    })
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

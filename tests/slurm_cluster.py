@@ -54,12 +54,15 @@ class SlurmCluster:
         key.chmod(0o400)
         ctld, node1, node2 = _free_ports(3)
         host = socket.gethostname()
+        # cred_expire is also how long a requeued job is held before it may start again (120 s by
+        # default); bf_interval how often the backfill scheduler looks (30 s): both shortened so
+        # the preemption test waits for the trainer, not for the scheduler.
         (r / "slurm.conf").write_text(f"""\
 ClusterName=testcluster
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld}
 AuthType=auth/munge
-AuthInfo=socket={r}/munge/munge.socket
+AuthInfo=socket={r}/munge/munge.socket,cred_expire=20
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -73,6 +76,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,15 @@ def project_commands():
 COMMANDS = project_commands()
 
 
+def run_each(commands: list[list[str]], timeout: int) -> list[subprocess.CompletedProcess]:
+    """Each command in its own process, as many at once as there are cores: each one mostly
+    imports torch, on one core."""
+    def run(command):
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        return list(pool.map(run, commands))
+
+
 def test_the_manual_shows_the_main_entry_points():
     entries = {entry for _, _, entry, _ in COMMANDS}
     for expected in ("train.py", "data_prep", "pipeline.inference.evaluate", "pipeline.inference.predict",
@@ -133,12 +143,10 @@ def test_every_entry_point_in_the_docs_exists_and_answers_help():
     assert not missing, "scripts named in the docs that do not exist:\n" + "\n".join(missing)
     helps = {(entry, argv[0]) if entry == "data_prep" and argv and not argv[0].startswith("-") else (entry, None)
              for _, _, entry, argv in COMMANDS}
-    for entry, sub in sorted(helps, key=str):
-        if entry == "imaging.jpeg_region":
-            continue  # its only verb is 'build', checked below
-        run = [sys.executable, entry] if entry.endswith(".py") else [sys.executable, "-m", entry]
-        result = subprocess.run([*run, *([sub] if sub else []), "--help"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=300)
+    helps = sorted(((entry, sub) for entry, sub in helps if entry != "imaging.jpeg_region"), key=str)  # build: below
+    commands = [[sys.executable, *([entry] if entry.endswith(".py") else ["-m", entry]), *([sub] if sub else []),
+                 "--help"] for entry, sub in helps]
+    for (entry, sub), result in zip(helps, run_each(commands, timeout=300)):
         assert result.returncode == 0 and "usage" in result.stdout.lower(), \
             f"{entry} {sub or ''} --help: exit {result.returncode}\n{result.stderr[-2000:]}"
 
@@ -152,12 +160,13 @@ def test_every_command_in_the_docs_parses_as_written():
         by_entry[entry].append((where, command, argv))
     assert sum(map(len, by_entry.values())) >= 20, "too few literal commands found: is the extraction broken?"
     failures = []
-    for entry, commands in sorted(by_entry.items()):  # one process per entry point
-        result = subprocess.run([sys.executable, "-c", PARSE_ONLY, entry, json.dumps([argv for *_, argv in commands])],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+    entries = sorted(by_entry)
+    results = run_each([[sys.executable, "-c", PARSE_ONLY, entry, json.dumps([argv for *_, argv in by_entry[entry]])]
+                        for entry in entries], timeout=600)  # one process per entry point
+    for entry, result in zip(entries, results):
         assert result.returncode == 0, f"{entry}: {result.stderr[-2000:]}"
         for index, error in json.loads(result.stdout.strip().splitlines()[-1]).items():
-            where, command, _ = commands[int(index)]
+            where, command, _ = by_entry[entry][int(index)]
             failures.append(f"{where}: {command}\n    {error}")
     assert not failures, "commands in the docs that do not parse:\n" + "\n".join(failures)
 

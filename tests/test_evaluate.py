@@ -13,7 +13,7 @@ import torchvision
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_runs import run_module, torchvision_weights, train, train_process
+from tiny_runs import run_module, torchvision_weights, train_process, train_together
 from torchvision.transforms.v2 import functional as F
 
 from imaging.crops import decode_center_crop
@@ -49,13 +49,11 @@ def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     torchvision weights file (lr so small that its weights stay the file's)."""
     root = tmp_path_factory.mktemp("eval-runs")
     weights = torchvision_weights(root / "googlenet-tv.pth", num_classes=4)
-    return {
-        "paper": train(tiny_data, root, "paper", "model.name=googlenet", "ema.enabled=true", "schedule.epochs=2"),
-        "tv": train(tiny_data, root, "tv", "model.name=googlenet_bn", f"model.weights={weights}", "optim.lr=1e-9",
-                    "train.max_steps=2"),
-        "weights": weights,
-        "root": root,
-    }
+    trained = train_together(tiny_data, root, {
+        "paper": ["model.name=googlenet", "ema.enabled=true", "schedule.epochs=2"],
+        "tv": ["model.name=googlenet_bn", f"model.weights={weights}", "optim.lr=1e-9", "train.max_steps=2"],
+    })
+    return {**trained, "weights": weights, "root": root}
 
 
 # ----------------------------------------------------------------------------- geometry

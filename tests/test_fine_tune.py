@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,22 +94,24 @@ def test_predict_evaluate_and_export_work_on_the_fine_tuned_run(runs, three_clas
     manifest = json.loads((three_classes / "manifest.json").read_text())
     assert classes == manifest["classes"] and len(classes) == 3
     image = next((three_classes.parent / "images" / "val").rglob("*.JPEG"))
-    predicted = run_module("pipeline.inference.predict", "--checkpoint", str(tuned), "--json", "--top", "3", str(image),
-                           cwd=root)
+    out = root / "tuned.pth"
+    commands = [
+        ("pipeline.inference.predict", "--checkpoint", str(tuned), "--json", "--top", "3", str(image)),
+        ("pipeline.inference.evaluate", "--checkpoint", str(tuned), "--workers", "0",
+         "--out", str(root / "tuned-eval.json")),
+        ("pipeline.inference.export", "--checkpoint", str(tuned), "--format", "state_dict", "--out", str(out)),
+    ]
+    with ThreadPoolExecutor(len(commands)) as pool:  # independent: run together
+        predicted, evaluated, exported = pool.map(lambda command: run_module(*command, cwd=root), commands)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     top = json.loads(predicted.stdout)[0]["top"]
     assert sorted(c["id"] for c in top) == sorted(c["id"] for c in classes)
     assert sum(c["probability"] for c in top) == pytest.approx(1.0, abs=1e-5)
-    evaluated = run_module("pipeline.inference.evaluate", "--checkpoint", str(tuned), "--workers", "0",
-                           "--out", str(root / "tuned-eval.json"), cwd=root)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((root / "tuned-eval.json").read_text())
     assert report["val_samples"] == 12
     best = json.loads((tuned / "checkpoints" / "best.json").read_text())["model"]
     assert report["rows"][0]["top1_error"] == pytest.approx(best["val_top1_error"], abs=1e-9)
-    out = root / "tuned.pth"
-    exported = run_module("pipeline.inference.export", "--checkpoint", str(tuned), "--format", "state_dict",
-                          "--out", str(out), cwd=root)
     assert exported.returncode == 0, exported.stderr[-3000:]
     model = torchvision.models.googlenet(num_classes=3, aux_logits=True, transform_input=False, init_weights=False)
     model.load_state_dict(torch.load(out, weights_only=True))

@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
-from tiny_runs import train
 
 from imaging.crops import decode_center_crop
 from imaging.photometric import normalize
@@ -50,13 +49,8 @@ def hubconf():
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hub-runs")
-    return {
-        "googlenet": train(tiny_data, root, "googlenet", "model.name=googlenet", "train.max_steps=2"),
-        "googlenet_bn": train(tiny_data, root, "googlenet_bn", "model.name=googlenet_bn", "ema.enabled=true",
-                              "train.max_steps=2"),
-    }
+def runs(inference_runs) -> dict[str, Path]:
+    return {name: inference_runs[name] for name in ("googlenet", "googlenet_bn")}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +152,16 @@ def test_wrong_credentials_missing_bucket_and_missing_manifest_are_one_line_each
         (s3_server.env(), "s3://no-such-bucket/tiny", "s3://no-such-bucket: the bucket does not exist"),
         (s3_server.env(), "s3://creds/tiny", "s3://creds/tiny/manifest.json: no manifest"),
     ]
-    for env, url, expected in cases:
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={url}",
-                                 f"output_dir={tmp_path}", "name=creds"], cwd=tmp_path,
-                                env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=300)
+
+    def train(case: int) -> subprocess.CompletedProcess:
+        env, url, _ = cases[case]
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={url}",
+                               f"output_dir={tmp_path}", f"name=creds-{case}"], cwd=tmp_path,
+                              env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(len(cases)) as pool:  # each fails while starting up: all at once
+        results = list(pool.map(train, range(len(cases))))
+    for (_, _, expected), result in zip(cases, results):
         lines = error_lines(result.stderr)
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr and "not-the-secret" not in result.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from tiny_runs import run_module, train
+from tiny_runs import run_module
 
 from imaging.crops import decode_center_crop
 from imaging.photometric import normalize
@@ -23,14 +23,8 @@ MODELS = ("googlenet", "googlenet_bn", "alexnet")
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("predict-runs")
-    return {
-        "googlenet": train(tiny_data, root, "googlenet", "model.name=googlenet", "train.max_steps=2"),
-        "googlenet_bn": train(tiny_data, root, "googlenet_bn", "model.name=googlenet_bn", "ema.enabled=true",
-                              "train.max_steps=2"),
-        "alexnet": train(tiny_data, root, "alexnet", "model.name=alexnet", "data.image_size=64", "train.max_steps=2"),
-    }
+def runs(inference_runs) -> dict[str, Path]:
+    return inference_runs
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,24 @@ def train_process(data: Path, output_dir: Path, name: str, *overrides: str) -> s
     return subprocess.run(command, cwd=output_dir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
+def train_together(data: Path, output_dir: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
+    """Several tiny runs at once (name -> overrides), each its own trainer process: they spend
+    most of their time starting up, on one core each."""
+    processes = {}
+    for name, overrides in runs.items():
+        command = [sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={data}", f"output_dir={output_dir}",
+                   f"name={name}", *overrides]
+        log = open(output_dir / f"{name}.stderr", "w+")  # a file, not a pipe: no child waits on a full pipe
+        processes[name] = (subprocess.Popen(command, cwd=output_dir, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                            stderr=log, text=True), log)
+    for name, (process, log) in processes.items():
+        with log:
+            returncode = process.wait(timeout=300)
+            log.seek(0)
+            assert returncode == 0, f"{name}: exit {returncode}\n{log.read()[-4000:]}"
+    return {name: output_dir / name for name in runs}
+
+
 def train(data: Path, output_dir: Path, name: str, *overrides: str) -> Path:
     result = train_process(data, output_dir, name, *overrides)
     assert result.returncode == 0, result.stderr[-4000:]

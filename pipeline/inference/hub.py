@@ -18,7 +18,6 @@ the plain network. This project publishes no weights to download.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from torch import nn
 from imaging.crops import eval_resize_for
 from imaging.specs import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import ConfigError, load_config
-from pipeline.models import build_model, use_torchvision_input
+from pipeline.models import AUX_PREFIXES, build_model, use_torchvision_input
+from pipeline.train.saved_runs import exported_transform_input, read_export_meta
 
 from .export import FORMATS
 from .multi_crop import image_crops, network_input
@@ -39,7 +39,6 @@ ENTRY_POINTS = ("googlenet", "googlenet_bn")
 UNTRAINED = {"num_classes": 1000, "aux_logits": True, "image_size": 224}  # weights=None: ImageNet's
 NO_DOWNLOADS = ("this project publishes no weights to download: weights= is a run directory, a checkpoint "
                 "directory or an exported state dict of your own")
-AUX_PREFIXES = ("aux1.", "aux2.")
 
 
 @dataclass(frozen=True, repr=False)
@@ -133,26 +132,13 @@ def _from_run(name: str, path: Path, checkpoint: str, ema: bool) -> tuple[nn.Mod
     return loaded.model, loaded.classes, meta
 
 
-def _read_export_meta(path: Path) -> dict | None:
-    meta_path = Path(f"{path}.json")
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{meta_path}: not the metadata of an export ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise RunError(f"{meta_path}: not the metadata of an export (not a JSON object)")
-    return meta
-
-
 def _from_export(name: str, path: Path, checkpoint: str, ema: bool) -> tuple[nn.Module, list[dict], dict]:
     """A state dict written by ``python -m pipeline.inference.export`` and its ``FILE.json``.
     Exports written before ``FILE.json`` had ``aux_logits`` and ``transform_input``: the auxiliary
     heads are those of the state dict, ``transform_input`` as in ``builds_with``."""
     if not path.is_file():
         raise RunError(f"{path}: no such file ({NO_DOWNLOADS})")
-    meta = _read_export_meta(path)
+    meta = read_export_meta(path)
     fmt = (meta or {}).get("format") or {suffix: f for f, suffix in FORMATS.items()}.get(path.suffix)
     if fmt == "torchscript":
         raise RunError(f"{path}: a TorchScript export; load it with torch.jit.load({str(path)!r}), not torch.hub")
@@ -180,11 +166,8 @@ def _from_export(name: str, path: Path, checkpoint: str, ema: bool) -> tuple[nn.
     aux_logits = meta.get("aux_logits")
     if aux_logits is None:
         aux_logits = any(k.startswith(AUX_PREFIXES) for k in state)
-    transform_input = meta.get("transform_input")
-    if transform_input is None:
-        transform_input = "transform_input=True" in meta.get("builds_with", "")
     model = build_model(name, len(classes), bool(aux_logits), meta.get("dropout"))
-    if transform_input:
+    if exported_transform_input(meta):
         use_torchvision_input(model)
     try:
         model.load_state_dict(state)

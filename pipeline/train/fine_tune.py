@@ -28,12 +28,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.models import classifier_layers, stem_layers
+from pipeline.models import AUX_PREFIXES, classifier_layers, stem_layers
 
 from .checkpoint import CLASSES_FILE, bare_keys
-from .saved_runs import CONFIG_FILE, MODEL_FILE, RunError, locate
-
-AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+from .saved_runs import CONFIG_FILE, MODEL_FILE, RunError, exported_transform_input, locate, read_export_meta
 
 
 @dataclass
@@ -69,12 +67,10 @@ def read_start_weights(path: str | Path) -> StartWeights:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise RunError(f"{path}: not a state dict (a TorchScript or ONNX export cannot be trained from; "
                        f"export with --format state_dict)")
-    meta_file = Path(f"{path}.json")
-    if meta_file.is_file():  # ours, from pipeline.inference.export
-        meta = json.loads(meta_file.read_text())
-        transform_input = meta.get("transform_input", "transform_input=True" in meta.get("builds_with", ""))
+    meta = read_export_meta(path)
+    if meta is not None:  # ours, from pipeline.inference.export
         return StartWeights(bare_keys(state), str(path), meta["model"], [c["id"] for c in meta["classes"]],
-                            bool(transform_input))
+                            exported_transform_input(meta))
     return StartWeights(bare_keys(state), str(path), None, None, transform_input=True)  # torchvision's file
 
 

@@ -4,9 +4,13 @@
 (``model.safetensors``, and with ``ema.enabled`` the EMA as one of the ``custom_checkpoint_N.pkl``
 objects); ``checkpoints/best.json`` names the best checkpoint of the trained weights and of their
 EMA. Used by fine-tuning (``model.weights``) and by evaluation, prediction, export and the hub.
+
+An exported state dict ``FILE.pth`` has its metadata beside it, ``FILE.pth.json``: the network,
+the classes, the input convention (:func:`read_export_meta`).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -76,3 +80,27 @@ def ema_state(checkpoint: Path, run_dir: Path, config: Config) -> dict:
         if isinstance(state, dict) and "n_averaged" in state:
             return bare_keys({k: v for k, v in state.items() if k != "n_averaged"})
     raise RunError(f"{checkpoint}: no EMA state among its custom_checkpoint_*.pkl files")
+
+
+def read_export_meta(path: str | Path) -> dict | None:
+    """The metadata ``python -m pipeline.inference.export`` wrote beside ``path``; None where
+    there is none (RunError naming the file where it is not a JSON object)."""
+    meta_path = Path(f"{path}.json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{meta_path}: not the metadata of an export ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise RunError(f"{meta_path}: not the metadata of an export (not a JSON object)")
+    return meta
+
+
+def exported_transform_input(meta: dict) -> bool:
+    """Whether an export's network takes torchvision's input convention. Exports written before
+    the metadata recorded it: as the ``builds_with`` line says."""
+    transform_input = meta.get("transform_input")
+    if transform_input is None:
+        transform_input = "transform_input=True" in meta.get("builds_with", "")
+    return bool(transform_input)
