@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def inference_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
         "googlenet_bn": ["model.name=googlenet_bn", "ema.enabled=true", "train.max_steps=2"],
         "alexnet": ["model.name=alexnet", "data.image_size=64", "train.max_steps=2"],
     })
+
+
+@pytest.fixture(scope="session")
+def gpu_report_smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One smoke run of the GPU report (every step at tiny sizes on the CPU) and its folder: its
+    own test reads the report, the training benchmark's test the table of its bench_train step."""
+    out = tmp_path_factory.mktemp("gpu-report")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--smoke", "--out", str(out)], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=7200)
+    return result, out
 
 
 def subprocess_env() -> dict:

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -239,18 +240,18 @@ def test_two_processes_train_from_ffcv_with_exact_validation(tiny_ffcv, tmp_path
         assert r["val_samples"] == 16  # 16 samples over 2 ranks: 8 + 8, none repeated or dropped
         assert 0 <= r["val_top5_error"] <= r["val_top1_error"] <= 1
 
-    # the paper's test-time crops read the whole stored images from val.beton, over 2 processes
-    result = run_module("pipeline.inference.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "10",
-                        "--workers", "1", cwd=tmp_path, processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the paper's test-time crops read the whole stored images from val.beton, over 2 processes; and
+    # the 1-crop evaluation, alone, is the trainer's own validation of that checkpoint, as from shards
+    evaluate = ["pipeline.inference.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last"]
+    with ThreadPoolExecutor(2) as pool:  # independent: together
+        ten_crops = pool.submit(run_module, *evaluate, "--crops", "10", "--workers", "1", cwd=tmp_path, processes=2)
+        one_crop = pool.submit(run_module, *evaluate, "--crops", "1", "--workers", "0", cwd=tmp_path)
+        for result in (ten_crops.result(), one_crop.result()):
+            assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ffcv" / "eval-10crops.json").read_text())
     assert report["val_samples"] == 16 and report["processes"] == 2
     assert [(r["models"], r["crops"]) for r in report["rows"]] == [(1, 1), (1, 10)]
-    # the 1-crop evaluation is the trainer's own validation of that checkpoint, as from shards
     trainer = records[-1]
-    result = run_module("pipeline.inference.evaluate", "--run", str(tmp_path / "ffcv"), "--checkpoint", "last", "--crops", "1",
-                        "--workers", "0", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
     base = json.loads((tmp_path / "ffcv" / "eval-1crops.json").read_text())["rows"]
     assert [(r["models"], r["crops"]) for r in base] == [(1, 1)]
     for row in (base[0], report["rows"][0]):

@@ -21,6 +21,11 @@ def gpu_report(out: Path, *args: str) -> tuple[str, dict[str, list[str]], dict[s
     """(stdout, {step: [status, key figures, seconds]}, {target: [measured, verdict]}) of a smoke run."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--smoke", "--out", str(out), *args],
                             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=7200)
+    return read_report(result, out)
+
+
+def read_report(result: subprocess.CompletedProcess, out: Path):
+    """What :func:`gpu_report` returns, from a finished run and its folder."""
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [[cell.strip() for cell in line.strip("|").split(" | ")]
             for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
@@ -29,19 +34,20 @@ def gpu_report(out: Path, *args: str) -> tuple[str, dict[str, list[str]], dict[s
     return result.stdout, steps, targets
 
 
-def test_smoke_run_reports_every_step_target_and_plot(tmp_path):
-    stdout, steps, targets = gpu_report(tmp_path)
+def test_smoke_run_reports_every_step_target_and_plot(gpu_report_smoke):
+    stdout, steps, targets = read_report(*gpu_report_smoke)
+    out = gpu_report_smoke[1]
     assert list(steps) == list(STEPS)
     expected_ok = set(STEPS) - (set() if jpeg_region.available() else {"loader_restart"})  # needs the C library
     for step in expected_ok:
-        assert steps[step][0] == "ok", f"{step}: {steps[step]}\n{(tmp_path / 'report.md').read_text()}"
+        assert steps[step][0] == "ok", f"{step}: {steps[step]}\n{(out / 'report.md').read_text()}"
     for figure, step in (("CIFAR-10 from synthetic", "data"), ("googlenet_bn", "bench_train"),
                          ("end to end", "bench_train"), ("top-1", "cifar10"), ("img/s", "seed_recipe"),
                          ("WebDataset shards", "loader"), ("skipped" if "CPU" in stdout else "passed", "cuda_tests")):
         if step in expected_ok:
             assert figure in steps[step][1], f"{step}: {steps[step]}"
-    assert (tmp_path / "cifar10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![time to accuracy](cifar10.png)" in (tmp_path / "report.md").read_text()
+    assert (out / "cifar10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![time to accuracy](cifar10.png)" in (out / "report.md").read_text()
     # Every target measured in the smoke run (the figures of a CPU, so mostly not met).
     assert len(targets) == 6
     assert all(verdict in ("met", "not met") for _, verdict in targets.values()), targets

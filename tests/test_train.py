@@ -2,13 +2,11 @@
 one host, TensorBoard read back with tensorboard's own reader (faults: test_faults.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,16 +26,9 @@ TINY = ["model.name=googlenet", "data.image_size=32", "data.batch_size=4", "data
 
 
 def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: each socket stays bound until all are chosen."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_command(processes: int, *args: str, machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
@@ -51,9 +42,8 @@ def launch_command(processes: int, *args: str, machines: int = 1, machine_rank: 
     return command + list(args)
 
 
-def launch(processes: int, *args: str, cwd: Path, timeout: int = 300, port: int | None = None
-           ) -> subprocess.CompletedProcess:
-    result = subprocess.run(launch_command(processes, *args, port=port), cwd=cwd, env=subprocess_env(),
+def launch(processes: int, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(launch_command(processes, *args), cwd=cwd, env=subprocess_env(),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -234,13 +224,8 @@ def test_gradient_accumulation_with_no_sync_equals_the_larger_batch(tiny_data, t
     """2 processes x 4 images x 2 accumulated micro-batches (the first without DDP's all-reduce)
     train the same weights as 2 processes x 8 images: each rank reads the same samples either way."""
     args = [*TINY, *EXACT, f"data.dir={tiny_data}", f"output_dir={tmp_path}", "train.max_steps=3"]
-    ports = free_ports(2)
-    with ThreadPoolExecutor(2) as pool:  # independent, and mostly start-up: together
-        runs = [pool.submit(launch, 2, *args, "data.batch_size=4", "optim.grad_accum=2", "name=accumulated",
-                            cwd=tmp_path, port=ports[0]),
-                pool.submit(launch, 2, *args, "data.batch_size=8", "name=large", cwd=tmp_path, port=ports[1])]
-        for run in runs:
-            run.result()
+    launch(2, *args, "data.batch_size=4", "optim.grad_accum=2", "name=accumulated", cwd=tmp_path)
+    launch(2, *args, "data.batch_size=8", "name=large", cwd=tmp_path)
     accumulated, large = final_weights(tmp_path / "accumulated"), final_weights(tmp_path / "large")
     initial = build_network(load_config(tmp_path / "large" / "config.yaml"), 4).state_dict()
     for name in large:
