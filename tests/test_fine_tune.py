@@ -16,9 +16,10 @@ from tiny_runs import run_module, train, train_process
 
 from pipeline.config import ConfigError, load_config
 from pipeline.models import classifier_layers
-from pipeline.train.fine_tune import FrozenBatchNorm2d, load_start_weights
+from pipeline.train.fine_tune import FrozenBatchNorm2d, load_start_weights, read_start_weights
 from pipeline.train.recipe import build_optimizer, param_groups, scheduled_lr
 from pipeline.train.run import build_network
+from pipeline.train.saved_runs import RunError
 from pipeline.train.schedule import build_scheduler
 
 HEAD = ("fc.", "aux1.fc2.", "aux2.fc2.")
@@ -204,3 +205,12 @@ def test_the_head_learns_at_its_own_lr():
         assert scheduled_lr(optimizer) == pytest.approx(body)
         optimizer.step()
         scheduler.step()
+
+
+def test_export_metadata_that_is_not_ours_is_an_error_naming_it(tmp_path):
+    weights = tmp_path / "model.pth"
+    torch.save({"fc.weight": torch.zeros(3, 4)}, weights)
+    for text in ("{not json", "[1, 2]", '{"format": "state_dict"}'):
+        Path(f"{weights}.json").write_text(text)
+        with pytest.raises(RunError, match=re.escape(f"{weights}.json: not the metadata of")):
+            read_start_weights(weights)

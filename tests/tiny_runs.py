@@ -15,27 +15,34 @@ TINY = ["data.image_size=32", "data.batch_size=8", "data.workers=1", "data.shuff
         "optim.lr=0.02", "train.log_every_steps=4", "train.image_grid=false"]
 
 
+def train_command(data: Path, output_dir: Path, name: str, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={data}", f"output_dir={output_dir}",
+            f"name={name}", *overrides]
+
+
 def train_process(data: Path, output_dir: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={data}", f"output_dir={output_dir}",
-               f"name={name}", *overrides]
-    return subprocess.run(command, cwd=output_dir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(train_command(data, output_dir, name, *overrides), cwd=output_dir, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
 
 
 def train_together(data: Path, output_dir: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
     """Several tiny runs at once (name -> overrides), each its own trainer process: they spend
-    most of their time starting up, on one core each."""
+    most of their time starting up, so together they take little longer than one."""
     processes = {}
-    for name, overrides in runs.items():
-        command = [sys.executable, str(ROOT / "train.py"), *TINY, f"data.dir={data}", f"output_dir={output_dir}",
-                   f"name={name}", *overrides]
-        log = open(output_dir / f"{name}.stderr", "w+")  # a file, not a pipe: no child waits on a full pipe
-        processes[name] = (subprocess.Popen(command, cwd=output_dir, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                                            stderr=log, text=True), log)
-    for name, (process, log) in processes.items():
-        with log:
+    try:
+        for name, overrides in runs.items():
+            log = open(output_dir / f"{name}.stderr", "w+")  # a file, not a pipe: no child waits on a full pipe
+            processes[name] = (subprocess.Popen(train_command(data, output_dir, name, *overrides), cwd=output_dir,
+                                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log), log)
+        for name, (process, log) in processes.items():
             returncode = process.wait(timeout=300)
             log.seek(0)
             assert returncode == 0, f"{name}: exit {returncode}\n{log.read()[-4000:]}"
+    finally:  # after a failure, no run is left training into the next test
+        for process, log in processes.values():
+            process.kill()
+            process.wait()
+            log.close()
     return {name: output_dir / name for name in runs}
 
 

@@ -69,6 +69,8 @@ def read_start_weights(path: str | Path) -> StartWeights:
                        f"export with --format state_dict)")
     meta = read_export_meta(path)
     if meta is not None:  # ours, from pipeline.inference.export
+        if "model" not in meta or not isinstance(meta.get("classes"), list):
+            raise RunError(f"{path}.json: not the metadata of a state-dict export (no model or classes)")
         return StartWeights(bare_keys(state), str(path), meta["model"], [c["id"] for c in meta["classes"]],
                             exported_transform_input(meta))
     return StartWeights(bare_keys(state), str(path), None, None, transform_input=True)  # torchvision's file
