@@ -231,6 +231,33 @@ def test_a_hung_process_ends_the_job_within_the_collective_timeout(tiny_data, tm
     assert any("a collective operation timed out after 10 s (train.collective_timeout_s)" in line
                for line in error_lines(stderr)), stderr[-3000:]
     assert elapsed < 90  # the timeout, plus the launcher's 30 s grace before it kills the stopped rank
+    # Rank 0 said where it waited before giving up (a stopped rank cannot say anything).
+    report = stderr.split("process 0: no progress for ", 1)
+    assert len(report) == 2 and "train.collective_timeout_s = 10 s); where its threads are:" in report[1], stderr[-3000:]
+    assert "in train_and_validate" in report[1].split("a collective operation timed out")[0]
+
+
+def wait_like_a_hung_loader(watch, reports: int) -> None:
+    deadline = time.monotonic() + 120  # a guard: the report is due after 0.4 s
+    while watch.reports < reports and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_stalled_process_prints_its_stacks_once_per_stall(capfd):
+    from pipeline.ops.stall_watch import StallWatch
+
+    with StallWatch(0.5, "process 3") as watch:
+        wait_like_a_hung_loader(watch, reports=1)
+        assert watch.reports == 1
+        time.sleep(0.2)  # ten more checks of the same stall
+        assert watch.reports == 1
+        watch.beat()  # progress; then a new stall
+        wait_like_a_hung_loader(watch, reports=2)
+    err = capfd.readouterr().err
+    assert watch.reports == 2 and err.count("process 3: no progress for ") == 2, err
+    assert "(the processes waiting for it end the job after train.collective_timeout_s = 0.5 s)" in err
+    assert err.count(", line ") >= 4 and "in wait_like_a_hung_loader" in err  # every thread's stack
+    assert "in test_a_stalled_process_prints_its_stacks_once_per_stall" in err
 
 
 @pytest.mark.parametrize("text", [

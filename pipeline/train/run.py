@@ -28,6 +28,7 @@ from pipeline.models import build_model, use_torchvision_input
 from pipeline.ops.launch import loader_workers, make_accelerator
 from pipeline.ops.preemption import PreemptionWatch
 from pipeline.ops.run_lock import RunLock
+from pipeline.ops.stall_watch import StallWatch
 
 from .bad_samples import BadSamples
 from .checkpoint import CheckpointManager, save_plain_weights
@@ -63,6 +64,7 @@ class Run:
     device_input: DeviceInput  # loader batches -> network inputs (distorted there unless off or done in workers)
     checkpoints: CheckpointManager
     preemption: PreemptionWatch
+    stall_watch: StallWatch  # beaten at every step and validation batch; watching while fit trains
     bad_samples: BadSamples
     progress: Progress = field(default_factory=Progress)
     lock: RunLock | None = None  # the main process's hold on the run directory, while fit runs
@@ -186,6 +188,7 @@ def build_run(config: Config, data: PreparedData) -> Run:
                                  compile_backend=c.model.compile_backend),
         checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
         preemption=PreemptionWatch().install(),
+        stall_watch=StallWatch(c.collective_timeout_s, f"process {accelerator.process_index}"),
         bad_samples=BadSamples(c.data.on_bad_sample, c.data.max_skipped_fraction, layout.epoch_images,
                                data.directory, c.run_dir),
     )

@@ -8,7 +8,8 @@ The pieces live beside this file, one stage each: ``run`` (building those object
 optimizer step), ``ema`` (the average's update), ``validate``, ``checkpoint`` (atomic saves, best,
 resume), ``tracking`` (TensorBoard, metrics.jsonl) and ``trackers`` (every tracker of
 ``train.log_with``: TensorBoard, MLflow, W&B, Aim); loader batches become network inputs
-in ``pipeline.data.device_augment``, and stop signals are watched by ``pipeline.ops.preemption``.
+in ``pipeline.data.device_augment``, stop signals are watched by ``pipeline.ops.preemption``, and
+a process that stops moving prints its stacks (``pipeline.ops.stall_watch``).
 
 Within an update nothing is read back from the device, so the host runs ahead of it: counts
 and losses are summed on the device until a log line, and the stop signals are agreed on by
@@ -176,6 +177,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
             if run.ema is not None and applied and progress.step % c.ema.every == 0:
                 update_ema(run.ema, run.bare_model(), run.ema_decay, c.ema.warmup)
             bar.update(1)
+            run.stall_watch.beat()
 
             last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
             if progress.step % c.train.log_every_steps == 0 or last_of_epoch:
@@ -261,7 +263,8 @@ def end_epoch(run: Run, epoch: int, tally: Tally, images_per_sec: float, data_wa
     on_skipped = lambda records: run.bad_samples.add(records, step=step, epoch=epoch, rank=acc.process_index)  # noqa: E731
     results = dict(zip(models, validate(list(models.values()), run.input.val_batches(), acc,
                                         device_input=run.device_input, expected=run.data.val_samples,
-                                        where=str(run.data.directory), on_skipped=on_skipped)))
+                                        where=str(run.data.directory), on_skipped=on_skipped,
+                                        on_batch=run.stall_watch.beat)))
     run.bad_samples.flush(acc)
     val = results["model"]
     record.update({
@@ -345,12 +348,13 @@ def train_and_validate(run: Run) -> dict:
     last_record: dict = {}
     run.model.train()
     try:
-        while run.progress.step < run.layout.total_updates:
-            epoch = run.progress.step // run.layout.updates_per_epoch
-            last_record = train_one_epoch(run, epoch, tracker) or last_record
-            asked = run.preemption.should_stop(acc) if run.progress.step < run.layout.total_updates else 0
-            if asked:
-                raise Preempted(asked)  # end_epoch has just written the checkpoint
+        with run.stall_watch:  # a process that stops moving says where, before the others end the job
+            while run.progress.step < run.layout.total_updates:
+                epoch = run.progress.step // run.layout.updates_per_epoch
+                last_record = train_one_epoch(run, epoch, tracker) or last_record
+                asked = run.preemption.should_stop(acc) if run.progress.step < run.layout.total_updates else 0
+                if asked:
+                    raise Preempted(asked)  # end_epoch has just written the checkpoint
     except Preempted as stop:
         requeued, outcome = False, "not requeued; run the same command to resume"
         if stop.requeue and acc.is_main_process:

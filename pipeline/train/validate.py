@@ -12,10 +12,11 @@ from .metrics import Tally
 
 @torch.no_grad()
 def validate(models: list[torch.nn.Module], batches, accelerator, *, device_input: DeviceInput,
-             expected: int, where: str, on_skipped=None) -> list[dict[str, float]]:
+             expected: int, where: str, on_skipped=None, on_batch=None) -> list[dict[str, float]]:
     """Errors and loss of each model; one decoding pass serves all of them (the trained weights
     and their EMA). The records of samples that cannot be read go to ``on_skipped(records)``; the
-    all-reduced counts plus those skipped must equal ``expected`` (the manifest's)."""
+    all-reduced counts plus those skipped must equal ``expected`` (the manifest's). ``on_batch()``
+    is called after every batch (the stall watch's beat)."""
     modes = [m.training for m in models]
     for model in models:
         model.eval()
@@ -33,6 +34,8 @@ def validate(models: list[torch.nn.Module], batches, accelerator, *, device_inpu
             with accelerator.autocast():
                 logits = forward_with_aux(model, inputs).logits.float()
             tally.add(logits, labels, F.cross_entropy(logits, labels, reduction="sum"))
+        if on_batch is not None:
+            on_batch()
     for model, mode in zip(models, modes):
         model.train(mode)
     skipped = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum").item())
