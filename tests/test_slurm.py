@@ -57,6 +57,13 @@ def train_job(cluster, tiny_data, out: Path, name: str) -> tuple[str, Path]:
     return job, run_dir
 
 
+def failure_excerpt(log: str) -> str:
+    """A failed job's log as the assertion shows it: where each stalled process was (its stall
+    report, pipeline.ops.stall_watch), then the end of the log."""
+    stalls = [log[m.start():m.start() + 3000] for m in re.finditer(r"process \d+: no progress for ", log)]
+    return "\n[...]\n".join([*stalls, log[-4000:]])
+
+
 def test_dry_run_renders_the_batch_script_with_quoted_arguments(tmp_path):
     odd = tmp_path / "it's a dir"
     result = subprocess.run([sys.executable, "-m", "pipeline.ops.slurm", "submit", "--nodes", "3", "--gpus-per-node", "8",
@@ -84,7 +91,7 @@ def test_two_node_training_job(cluster, tiny_data, tmp_path_factory):
     job, run_dir = train_job(cluster, tiny_data, out, "straight")
     state = cluster.wait_for(job, timeout=JOB_WAIT_S)
     log = (run_dir / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", log[-4000:]
+    assert state == "COMPLETED", failure_excerpt(log)
     assert "2 nodes x 1 processes" in log and "2 processes on cpu" in log
     assert "parameters identical on all 2 processes" in log
     records = metrics(run_dir)
@@ -111,7 +118,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_o
     cluster.run("scancel", "--signal=USR2", job)  # what --signal=USR2@120 sends before the time limit
     state = cluster.wait_for(job, timeout=JOB_WAIT_S)
     log = (run_dir / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", log[-4000:]
+    assert state == "COMPLETED", failure_excerpt(log)
     assert "checkpoint written; job " + job + " requeued" in log
     assert "start 2:" in log and "resumed from" in log
     stopped = int(log.split("stopped at step ")[1].split()[0])
