@@ -258,6 +258,9 @@ def test_a_stalled_process_prints_its_stacks_once_per_stall(capfd):
     assert "(the processes waiting for it end the job after train.collective_timeout_s = 0.5 s)" in err
     assert err.count(", line ") >= 4 and "in wait_like_a_hung_loader" in err  # every thread's stack
     assert "in test_a_stalled_process_prints_its_stacks_once_per_stall" in err
+    with StallWatch(0.5, "process 0", alone=True) as watch:  # a one-process run: nobody else ends it
+        wait_like_a_hung_loader(watch, reports=1)
+    assert "(train.collective_timeout_s = 0.5 s; no other process waits for it)" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("text", [

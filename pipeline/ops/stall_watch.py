@@ -21,9 +21,12 @@ REPORT_AFTER = 0.8  # of the collective timeout: the report must be out before t
 class StallWatch:
     """``with StallWatch(timeout_s, label) as watch:`` ... ``watch.beat()`` at every unit of progress."""
 
-    def __init__(self, collective_timeout_s: float, label: str):
+    def __init__(self, collective_timeout_s: float, label: str, alone: bool = False):
         self.after_s = collective_timeout_s * REPORT_AFTER
-        self.collective_timeout_s, self.label = collective_timeout_s, label
+        # Alone, nothing ends the job: the report is all there is to say where it hangs.
+        self.why = (f"train.collective_timeout_s = {collective_timeout_s:g} s; no other process waits for it" if alone
+                    else f"the processes waiting for it end the job after train.collective_timeout_s = {collective_timeout_s:g} s")
+        self.label = label
         self.reports = 0
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -50,8 +53,7 @@ class StallWatch:
             if idle < self.after_s or last == reported:
                 continue
             reported = last
-            print(f"{self.label}: no progress for {idle:.0f} s (the processes waiting for it end the job after "
-                  f"train.collective_timeout_s = {self.collective_timeout_s:g} s); where its threads are:",
+            print(f"{self.label}: no progress for {idle:.0f} s ({self.why}); where its threads are:",
                   file=sys.stderr, flush=True)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             self.reports += 1

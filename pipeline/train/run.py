@@ -188,7 +188,8 @@ def build_run(config: Config, data: PreparedData) -> Run:
                                  compile_backend=c.model.compile_backend),
         checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
         preemption=PreemptionWatch().install(),
-        stall_watch=StallWatch(c.collective_timeout_s, f"process {accelerator.process_index}"),
+        stall_watch=StallWatch(c.collective_timeout_s, f"process {accelerator.process_index}",
+                               alone=accelerator.num_processes == 1),
         bad_samples=BadSamples(c.data.on_bad_sample, c.data.max_skipped_fraction, layout.epoch_images,
                                data.directory, c.run_dir),
     )
