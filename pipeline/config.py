@@ -92,6 +92,9 @@ class DataConfig:
     remote_retry_s: float = 120.0
     cache_dir: str | None = None  # null: no cache, every epoch streams
     cache_max_gb: float = 200.0  # ImageNet's shards: about 150 GB
+    # free space the cache always leaves on its disk (checkpoints, compiler caches); null: 10% of the disk
+    cache_min_free_gb: float | None = None
+    requester_pays: bool = False  # the bucket bills the reader (S3 and GCS requester-pays buckets)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -360,6 +363,8 @@ def validate(c: Config) -> None:
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
     _check(c.data.remote_retry_s >= 0, "data.remote_retry_s", c.data.remote_retry_s, ">= 0")
     _check(c.data.cache_max_gb > 0, "data.cache_max_gb", c.data.cache_max_gb, "> 0")
+    _check(c.data.cache_min_free_gb is None or c.data.cache_min_free_gb >= 0, "data.cache_min_free_gb",
+           c.data.cache_min_free_gb, ">= 0 (or null: 10% of the cache's disk)")
     _check(c.data.interleave_shards >= 1, "data.interleave_shards", c.data.interleave_shards, ">= 1")
     _check(c.data.on_bad_sample in ("stop", "skip"), "data.on_bad_sample", c.data.on_bad_sample, "stop or skip")
     _check(0 <= c.data.max_skipped_fraction <= 1, "data.max_skipped_fraction", c.data.max_skipped_fraction, "[0, 1]")

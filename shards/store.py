@@ -142,6 +142,7 @@ class Store:
     location: str
     retry_s: float = 120.0
     stall_s: float = STALL_S  # no data for this long: the read is retried
+    requester_pays: bool = False  # the bucket bills the reader (data.requester_pays)
     stats: RequestStats = field(default_factory=RequestStats)
 
     def __post_init__(self):

@@ -77,6 +77,14 @@ class RemoteOptions:
     retry_s: float = 120.0
     cache_dir: str | None = None
     cache_max_gb: float = 200.0
+    cache_min_free_gb: float | None = None  # None: 10% of the cache's disk
+    requester_pays: bool = False
+
+    @classmethod
+    def from_config(cls, data) -> "RemoteOptions":
+        """The options a ``DataConfig`` (the trainer's ``data`` section) sets."""
+        return cls(data.remote_retry_s, data.cache_dir, data.cache_max_gb, data.cache_min_free_gb,
+                   data.requester_pays)
 
 
 def open_prepared(directory: str | Path, remote: RemoteOptions | None = None) -> PreparedData:
@@ -116,7 +124,7 @@ def _prepared(directory, manifest: dict, files: dict[str, list[Shard]], remote) 
 
 
 def _open_remote(location: str, options: RemoteOptions) -> PreparedData:
-    store = Store(location, options.retry_s)
+    store = Store(location, options.retry_s, requester_pays=options.requester_pays)
     manifest = load_manifest(location, store)
     if manifest["format"] != "webdataset":
         raise PrepError(f"{store.shown(MANIFEST)}: FFCV files are read from a local or shared disk; "

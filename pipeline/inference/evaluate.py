@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         models = _load_models(args, "cpu")
         config = models[0].config
-        data = open_prepared(args.data or data_directory(config), RemoteOptions(
-            config.data.remote_retry_s, config.data.cache_dir, config.data.cache_max_gb))
+        data = open_prepared(args.data or data_directory(config), RemoteOptions.from_config(config.data))
         check_compatible(models, data)  # before the process group: a mistake costs no launch
         mixed_precision = args.mixed_precision or config.train.mixed_precision
         try:

@@ -392,7 +392,7 @@ def train(config: Config) -> dict:
         require_ffcv()  # before any data is prepared or opened
     directory = _prepare_demo_once(Path(config.data.demo_root), config.data.format) if config.data.dir is None \
         else config.data.dir
-    remote = RemoteOptions(config.data.remote_retry_s, config.data.cache_dir, config.data.cache_max_gb)
+    remote = RemoteOptions.from_config(config.data)
     try:
         data = open_prepared(directory, remote)
     except (PrepError, StoreError) as exc:
