@@ -8,14 +8,18 @@ Local folders take the plain file API (the loader's hot path does not go through
 Remote calls are retried with backoff for ``retry_s`` seconds when the store fails or stalls
 (connection refused or reset, timeouts, 5xx answers); then ``StoreUnavailable`` names the URL
 and the last cause. What retrying cannot fix fails at once with ``StoreError``: wrong
-credentials, a missing bucket or object. Credentials and endpoints come from the standard
-places (AWS's environment variables and config files, ``AWS_ENDPOINT_URL`` for S3-compatible
-stores; Google's application default credentials) and never appear in messages: URLs are
-shown without user information or query strings.
+credentials (named as the scheme names them: AWS's, Google's, none for HTTPS), a missing
+bucket or object. The clients' own retry loops are off for reads (a loop inside ours would
+multiply the stall time), and every try uses the same filesystem. Uploads to S3 of more than
+``UPLOAD_PART_BYTES`` go in parts, each retried alone. Credentials and endpoints come from
+the standard places (AWS's environment variables and config files, ``AWS_ENDPOINT_URL`` for
+S3-compatible stores; Google's application default credentials) and never appear in
+messages: URLs are shown without user information or query strings.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import random
@@ -30,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 STALL_S = 30.0  # a read with no data for this long is a stall: retried like a failure
 CONNECT_S = 10.0
+UPLOAD_PART_BYTES = 8 * 2**20  # S3 multipart uploads: the AWS CLI's part size and threshold (multipart_chunksize)
 
 
 class StoreError(RuntimeError):
@@ -69,8 +74,9 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _filesystem(scheme: str, stall_s: float = STALL_S):
-    """A fresh fsspec filesystem with short connect and stall timeouts: our own loop retries."""
+def _filesystem(scheme: str, stall_s: float = STALL_S, requester_pays: bool = False):
+    """A fresh fsspec filesystem with short connect and stall timeouts: our own loop retries.
+    ``requester_pays``: requests say that the reader pays (S3's and GCS's requester-pays buckets)."""
     try:
         import fsspec
         if scheme == "s3":
@@ -82,23 +88,107 @@ def _filesystem(scheme: str, stall_s: float = STALL_S):
                          "pip install 'googlenet-pipeline[remote]' or bash scripts/setup.sh --remote") from None
 
     if scheme == "s3":
+        from .credentials import aws_session  # it imports aiobotocore: the 'remote' extra
+
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         fs = fsspec.filesystem(
             "s3", skip_instance_cache=True, use_listings_cache=False, endpoint_url=endpoint or None,
+            requester_pays=requester_pays,
+            session=aws_session(),  # this process's credentials, looked up once (shards.credentials)
             config_kwargs={"connect_timeout": CONNECT_S, "read_timeout": stall_s, "retries": {"max_attempts": 0}})
         fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor argument)
         return fs
-    if scheme in ("gs", "gcs"):
-        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # it logs each failure's traceback: ours is one line
-        return fsspec.filesystem("gcs", skip_instance_cache=True, use_listings_cache=False)
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_S, sock_read=stall_s)
+    if scheme in ("gs", "gcs"):
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # it logs each failure's traceback: ours is one line
+        return _gcs_class()(skip_instance_cache=True, use_listings_cache=False, requests_timeout=timeout,
+                            requester_pays=requester_pays)
     return fsspec.filesystem("http", skip_instance_cache=True, client_kwargs={"timeout": timeout})
 
 
-def _permanent(exc: BaseException) -> str | None:
-    """Why ``exc`` will not go away by retrying (None: it may, retry)."""
+@functools.cache
+def _gcs_class():
+    """gcsfs's JSON-API filesystem, whose reads are tried once.
+
+    gcsfs retries each request itself, up to 6 times with sleeps of up to 32 s, a count fixed
+    when it is imported: a stall would cost six stall times and half a minute before our loop
+    saw it. Reads (GET) go to the request without that loop; uploads keep it, so that a failed
+    chunk of a resumable upload is sent again alone. Not ``gcsfs.GCSFileSystem``, which by
+    default first asks the Storage Control API over gRPC for each bucket's layout (for zonal
+    buckets), with retries of up to a minute outside our timeouts."""
+    from gcsfs.core import GCSFileSystem
+
+    request_once = getattr(GCSFileSystem._request, "__wrapped__", None)  # under gcsfs's @retry_request
+    if request_once is None:
+        return GCSFileSystem
+
+    class GCSFileSystemReadOnce(GCSFileSystem):
+        async def _request(self, method, path, *args, **kwargs):
+            if method.upper() == "GET":
+                return await request_once(self, method, path, *args, **kwargs)
+            return await super()._request(method, path, *args, **kwargs)
+
+    return GCSFileSystemReadOnce
+
+
+_warned_anonymous: set[str] = set()
+
+
+def _warn_if_anonymous(fs, location: str) -> None:
+    """Once per process and bucket: gcsfs found no Google credentials and reads anonymously."""
+    parts = urlsplit(location)
+    bucket = f"{parts.scheme}://{parts.netloc}"
+    if getattr(getattr(fs, "credentials", None), "method", None) != "anon" or bucket in _warned_anonymous:
+        return
+    _warned_anonymous.add(bucket)
+    print(f"warning: {bucket}: no Google credentials found (GOOGLE_APPLICATION_CREDENTIALS, "
+          "'gcloud auth application-default login', or a GCE metadata server): requests are anonymous, "
+          "which only public buckets answer", file=sys.stderr, flush=True)
+
+
+def _access_denied(scheme: str, status: int | None) -> str:
+    if scheme == "s3":
+        return "access denied (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    if scheme in ("gs", "gcs"):
+        return (f"access denied ({status or 403}; check the Google credentials: GOOGLE_APPLICATION_CREDENTIALS "
+                "or 'gcloud auth application-default login')")
+    return f"access denied ({status or 403})"
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The answer's HTTP status (aiohttp's and fsspec's ``status``, gcsfs's ``HttpError.code``)."""
+    for error in (exc, exc.__cause__):
+        for attribute in ("status", "code"):
+            value = getattr(error, attribute, None)
+            if isinstance(value, int) and 100 <= value < 600:
+                return value
+    return None
+
+
+def _s3_code(exc: BaseException) -> str:
+    """botocore's error code of the answer (``"400"`` for a bare 400 without a body), or ""."""
+    for error in (exc, exc.__cause__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _failed_token_refresh(exc: BaseException) -> bool:
+    """A failed refresh of Google credentials that google-auth says may succeed if retried (the
+    token service did not answer); gcsfs reports it as a 401 "Invalid Credentials"."""
+    cause = exc.__cause__
+    return type(cause).__name__ == "RefreshError" and bool(getattr(cause, "retryable", False))
+
+
+DAMAGED_UPLOAD_CODES = ("IncompleteBody", "BadDigest", "XAmzContentSHA256Mismatch", "RequestTimeout")
+
+
+def _permanent(exc: BaseException, scheme: str = "s3", uploading: bool = False) -> str | None:
+    """Why ``exc`` will not go away by retrying (None: it may, retry). ``uploading``: ``exc``
+    answered a request that carried a body."""
     text = f"{exc} {exc.__cause__ or ''}"
     if "InvalidRange" in text or "range not satisfiable" in text.lower() or "range is not satisfiable" in text:
         return "range"
@@ -106,18 +196,25 @@ def _permanent(exc: BaseException) -> str | None:
         return None  # fsspec's http says "not found" for a HEAD that could not connect
     if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
         return "not found"
-    if isinstance(exc, PermissionError) or any(code in text for code in (
+    s3_code, status = _s3_code(exc), _http_status(exc)
+    if s3_code in DAMAGED_UPLOAD_CODES or (uploading and s3_code in ("400", "BadRequest")):
+        return None  # the body arrived damaged or cut short (s3fs says EINVAL): sent again, it goes through
+    if _failed_token_refresh(exc):
+        return None
+    if "requester pays" in text.lower() or "UserProjectMissing" in text:
+        return "the bucket is requester-pays: set data.requester_pays=true (the reader's project is billed)"
+    if status in (401, 403) or isinstance(exc, PermissionError) or any(code in text for code in (
             "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
-        return "access denied (check the credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "\
-            "GOOGLE_APPLICATION_CREDENTIALS)"
+        return _access_denied(scheme, status)
     if "NoCredentialsError" in type(exc).__name__ or "Unable to locate credentials" in text:
-        return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-    status = next((s for s in (getattr(exc, "status", None), getattr(exc.__cause__, "status", None))
-                   if isinstance(s, int)), None)
+        return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run with an "\
+            "instance or container role)"
     if status is not None and 400 <= status < 500 and status not in (408, 429):  # the request, not the store
         return f"refused ({status}: {_cause(exc)})"
     if isinstance(exc, OSError) and exc.errno in (errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENOSYS):
         return f"refused ({_cause(exc)})"  # s3fs's translation of a 4xx answer (a wrong region, a bad token)
+    if isinstance(exc, ValueError) and "Bad Request" in text:
+        return f"refused ({_cause(exc)})"  # gcsfs's translation of a 400 that names something invalid
     return None
 
 
@@ -166,16 +263,12 @@ class Store:
         if fs is None or pid != os.getpid():
             with self._lock:
                 if self._fs is None or self._pid != os.getpid():
-                    self._fs, self._pid = _filesystem(urlsplit(self.location).scheme, self.stall_s), os.getpid()
+                    scheme = urlsplit(self.location).scheme
+                    self._fs, self._pid = _filesystem(scheme, self.stall_s, self.requester_pays), os.getpid()
+                    if scheme in ("gs", "gcs"):
+                        _warn_if_anonymous(self._fs, self.location)
                 fs = self._fs
         return fs
-
-    def reset(self, failed) -> None:
-        """A fresh connection pool after a failure (the old one may hold dead sockets), unless
-        another thread has made one already."""
-        with self._lock:
-            if self._fs is failed:
-                self._fs = None
 
     def url(self, name: str = "") -> str:
         if not name:
@@ -186,16 +279,20 @@ class Store:
         return redact(self.url(name))
 
     def call(self, what: str, name: str, action):
-        """``action(fs)`` with retries; one line naming the URL when it cannot succeed."""
+        """``action(fs)`` with retries; one line naming the URL when it cannot succeed.
+
+        Every try uses the same filesystem: its connection pool drops a dead connection by itself
+        (aiohttp, under s3fs, gcsfs and fsspec's HTTP), and a new filesystem per try would mean a
+        new credential look-up per try (on EC2, a call to the instance metadata service)."""
         deadline, delay = None, 0.5
+        scheme = urlsplit(self.location).scheme
         while True:
-            failed = self.fs
             try:
-                return action(failed)
+                return action(self.fs)
             except (StoreError, AttributeError, TypeError, NotImplementedError):
                 raise  # ours, or a bug: retrying will not help
             except Exception as exc:  # classified below: permanent, or retried until the deadline
-                reason = _permanent(exc)
+                reason = _permanent(exc, scheme, uploading=what == "uploading")
                 if reason == "not found":
                     raise ObjectMissing(f"{self.shown(name)}: not found") from None
                 if reason == "range":
@@ -213,7 +310,6 @@ class Store:
                 self.stats.retries += 1
                 time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - now)))
                 delay = min(delay * 2, 10.0)
-                self.reset(failed)
 
     def read(self, name: str) -> bytes:
         if not self.remote:
@@ -224,12 +320,25 @@ class Store:
         return data
 
     def read_range(self, name: str, start: int, stop: int) -> bytes:
-        """Bytes ``start``..``stop - 1`` (one ranged GET); fewer where the object ends before ``stop``."""
+        """Bytes ``start``..``stop - 1`` (one ranged GET); fewer where the object ends before ``stop``.
+        Over HTTP(S) an answer that is not that range (a server that ignores Range) is refused from
+        its status and headers, before its body is read (``shards.ranged_read``)."""
         if not self.remote:
             with open(self.url(name), "rb") as f:
                 return os.pread(f.fileno(), stop - start, start)
+        from .ranged_read import RangeIgnored, read_http_range  # it imports fsspec: the 'remote' extra
+
+        def ranged(fs) -> bytes:
+            if urlsplit(self.location).scheme not in ("http", "https"):
+                return fs.cat_file(self.url(name), start=start, end=stop)  # S3 and GCS honour ranges
+            try:
+                return read_http_range(fs, self.url(name), start, stop)
+            except RangeIgnored as exc:  # not retried: the server answers the same every time
+                raise StoreError(f"{self.shown(name)}: {exc}: it ignores range requests (Range: bytes=...), "
+                                 "which reading shards needs") from None
+
         try:
-            data = self.call("reading", name, lambda fs: fs.cat_file(self.url(name), start=start, end=stop))
+            data = self.call("reading", name, ranged)
         except RangeNotSatisfiable:
             return b""  # the object ends before ``start``: the samples there are missing (a truncated shard)
         if len(data) > stop - start:
@@ -275,7 +384,40 @@ class Store:
         if not self.remote:
             raise ValueError("put_file is for remote stores")
         self.stats.requests += 1
+        if urlsplit(self.location).scheme == "s3" and Path(local).stat().st_size > UPLOAD_PART_BYTES:
+            return self._put_in_parts(Path(local), name)
         self.call("uploading", name, lambda fs: fs.put_file(str(local), self.url(name)))
+
+    def _put_in_parts(self, local: Path, name: str) -> None:
+        """An S3 multipart upload whose parts are each retried alone (for ``retry_s``).
+
+        s3fs's ``put_file`` gives a part the tries of any request (one: reads must not retry
+        inside our loop) and aborts the whole upload when a part fails, so a failed part would
+        restart the shard from its first byte; here the upload goes on from the failed part."""
+        size = local.stat().st_size
+        bucket, key, _ = self.fs.split_path(self.url(name))
+        where = {"Bucket": bucket, "Key": key}
+        upload_id = self.call("uploading", name, lambda fs: fs.call_s3("create_multipart_upload", **where))["UploadId"]
+        parts = []
+        try:
+            with open(local, "rb") as f:
+                for number, start in enumerate(range(0, size, UPLOAD_PART_BYTES), 1):
+                    body = os.pread(f.fileno(), UPLOAD_PART_BYTES, start)
+                    answer = self.call("uploading", name, lambda fs: fs.call_s3(
+                        "upload_part", **where, UploadId=upload_id, PartNumber=number, Body=body))
+                    parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+            try:
+                self.call("uploading", name, lambda fs: fs.call_s3(
+                    "complete_multipart_upload", **where, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+            except ObjectMissing:  # a completion tried again after its answer was lost: the upload is done
+                if self.size(name) != size:
+                    raise
+        except BaseException:
+            try:  # leave no parts behind (S3 bills them) when the upload cannot finish
+                self.fs.call_s3("abort_multipart_upload", **where, UploadId=upload_id)
+            except Exception:
+                pass
+            raise
 
     def put_bytes(self, data: bytes, name: str) -> None:
         self.stats.requests += 1
@@ -289,7 +431,14 @@ class Store:
         if parts.scheme in ("http", "https"):
             return  # no bucket: a missing object or a refused connection shows at the first read
         bucket = f"{parts.scheme}://{parts.netloc}"
+        prefix = parts.path.strip("/") + "/" if parts.path.strip("/") else ""
+
+        def list_one(fs):  # inside the prefix: a bucket's policy may allow listing only there
+            if parts.scheme == "s3":
+                return fs.call_s3("list_objects_v2", Bucket=parts.netloc, Prefix=prefix, MaxKeys=1)
+            return fs.call("GET", "b/{}/o", parts.netloc, prefix=prefix, maxResults=1, json_out=True)
+
         try:
-            self.call("checking the bucket", "", lambda fs: fs.ls(bucket, detail=False))
+            self.call("checking the bucket", "", list_one)
         except FileNotFoundError:
             raise StoreError(f"{bucket}: the bucket does not exist (or these credentials cannot see it)") from None

@@ -27,8 +27,7 @@ COMPILED = [*TINY, "model.name=googlenet_bn", "optim.grad_accum=2", "schedule.ep
 def checkpoint_keys(run_dir: Path) -> tuple[list[str], list[str]]:
     newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     model = list(load_file(newest / "model.safetensors"))
-    ema = next(state for path in sorted(newest.glob("custom_checkpoint_*.pkl"))
-               if "n_averaged" in (state := torch.load(path, weights_only=True)))
+    ema = load_file(newest / "ema.safetensors")
     return model, list(ema)
 
 

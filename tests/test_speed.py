@@ -6,6 +6,7 @@ that skip without CUDA (their speed is measured by benchmarks/bench_train.py).""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -78,9 +79,10 @@ def test_device_input_gives_the_compute_dtype_and_memory_format():
 
 # ------------------------------------------------------------------------------ host reads per update
 COUNT_SCRIPT = """
-import collections, json, sys, torch
-from pathlib import Path
+import json, sys, torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from test_host_sync import host_read, python_caller
 from imaging.specs import PhotometricSpec
 from pipeline.train import tracking
 from pipeline.config import load_config
@@ -89,31 +91,49 @@ from pipeline.data.device_augment import DeviceInput
 from pipeline.train.run import build_run
 from pipeline.train.trainer import train_one_epoch
 
-# Reading a tensor's value on the host: on a GPU, each waits for the device to catch up.
+# Reading a tensor's value on the host: on a GPU, each waits for the device to catch up. Seen as
+# Python calls here (on the CPU some, e.g. .tolist(), dispatch no op) and as ops below (those made
+# inside torch too).
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
               torch.Tensor.cpu, torch.Tensor.numpy}
 ALLOWED = {"log_window": "log", "end_epoch": "epoch end", "save_checkpoint": "epoch end", "_read_pending": "poll"}
 
 
-class HostReads(TorchFunctionMode):
+# (step, kind, where) of a read called from ``frame``: an allowed place, the loader, or the update.
+def attribute(run, frame):
+    caller, names, files = frame, [], []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        files.append(frame.f_code.co_filename)
+        frame = frame.f_back
+    kind = next((ALLOWED[n] for n in names if n in ALLOWED), None)
+    if kind is None and any(f.endswith("torch/utils/data/dataloader.py") for f in files):
+        kind = "loader"  # the host's own work, e.g. the seed a new loader iterator draws
+    return run.progress.step, kind or "step", kind or python_caller(caller)
+
+
+class PythonReads(TorchFunctionMode):
     def __init__(self, run):
         super().__init__()
         self.run, self.calls = run, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
-            frame, names, files = sys._getframe(1), [], []
-            while frame is not None:
-                names.append(frame.f_code.co_name)
-                files.append(frame.f_code.co_filename)
-                frame = frame.f_back
-            kind = next((ALLOWED[n] for n in names if n in ALLOWED), None)
-            if kind is None and any(f.endswith("torch/utils/data/dataloader.py") for f in files):
-                kind = "loader"  # the host's own work, e.g. the seed a new loader iterator draws
-            where = kind or next((n for n in names if n != "__torch_function__"), "?")
-            self.calls.append((self.run.progress.step, kind or "step", where))
+            self.calls.append(attribute(self.run, sys._getframe(1)))
         return func(*args, **(kwargs or {}))
+
+
+class OpReads(TorchDispatchMode):
+    def __init__(self, run):
+        super().__init__()
+        self.run, self.calls = run, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if host_read(func, args, kwargs):
+            self.calls.append(attribute(self.run, sys._getframe(1)))
+        return func(*args, **kwargs)
 
 
 config = load_config(None, sys.argv[1:])
@@ -122,40 +142,45 @@ run = build_run(config, open_prepared(config.data.dir))
 run.device_input = DeviceInput(run.accelerator.device, channels_last=True, photometric=PhotometricSpec(lighting_std=0.1))
 (run.run_dir / "checkpoints").mkdir(parents=True)
 tracking.start_tracking(run.accelerator, run.run_dir, 0, "")
-counter = HostReads(run)
-with counter:
+calls, ops = PythonReads(run), OpReads(run)
+with calls, ops:
     train_one_epoch(run, 0, tracker=None)
-print(json.dumps({"steps": run.progress.step, "calls": counter.calls}))
+print(json.dumps({"steps": run.progress.step, "calls": calls.calls, "ops": ops.calls}))
 """
 
 
 @pytest.mark.slow
 def test_the_update_loop_reads_no_tensor_on_the_host_between_log_lines(tiny_data, tmp_path):
-    """Every call that reads a tensor's value on the host during an epoch of 12 updates, with the
-    distortion on the device and the EMA on: none in the updates themselves (the EMA's included);
-    the stop flag is read at every poll (its value was reduced ``every`` steps earlier), the rest
-    at the loader's start, the log line and the epoch end."""
+    """Every call, and every op, that reads a tensor's value on the host during an epoch of 12
+    updates, with the distortion on the device and the EMA on: none in the updates themselves
+    (the EMA's included); the stop flag is read at every poll (its value was reduced ``every``
+    steps earlier), the rest at the loader's start, the log line and the epoch end.
+    ``tests/test_host_sync.py`` checks the ops of an update in more settings."""
     every, ema_every, updates = 3, 4, 12
     args = ["model.name=googlenet", "data.image_size=32", "data.batch_size=4", "data.workers=1",
             "data.shuffle_buffer=8", f"data.dir={tiny_data}", f"output_dir={tmp_path}", "name=count",
             f"train.max_steps={updates}", "train.log_every_steps=1000", "train.image_grid=false",
             f"train.preemption_poll_steps={every}", "ema.enabled=true", f"ema.every={ema_every}"]
-    result = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, *args], cwd=tmp_path, env=subprocess_env(),
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(ROOT / "tests") + os.pathsep + env["PYTHONPATH"]  # test_host_sync's guard
+    result = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["steps"] == updates
-    calls = outcome["calls"]
-    in_steps = [(step, where) for step, kind, where in calls if kind == "step"]
-    assert in_steps == [], f"host reads inside the update: {in_steps}"
-    polls = [step for step, kind, _ in calls if kind == "poll"]
-    assert polls == list(range(2 * every, updates, every))  # the first poll only starts a reduce; none at the end
-    assert any(kind == "log" for _, kind, _ in calls)  # the instrument sees reads where there are some
-    assert all(step == updates for step, kind, _ in calls if kind in ("log", "epoch end"))
-    assert all(step == 0 for step, kind, _ in calls if kind == "loader")  # at the epoch's start only
+    polls = list(range(2 * every, updates, every))  # the first poll only starts a reduce; none at the end
+    for seen in ("calls", "ops"):
+        reads = outcome[seen]
+        in_steps = [(step, where) for step, kind, where in reads if kind == "step"]
+        assert in_steps == [], f"host reads inside the update ({seen}): {in_steps}"
+        assert [step for step, kind, _ in reads if kind == "poll"] == polls, seen  # the instrument sees reads
+        assert all(step == updates for step, kind, _ in reads if kind in ("log", "epoch end"))
+        assert all(step == 0 for step, kind, _ in reads if kind == "loader")  # at the epoch's start only
+    assert any(kind == "log" for _, kind, _ in outcome["calls"])
 
 
 def test_the_ema_update_is_averagedmodels_without_host_reads():
+    from test_host_sync import HostReads
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from pipeline.models import build_model
@@ -167,12 +192,15 @@ def test_the_ema_update_is_averagedmodels_without_host_reads():
     reference, ours = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
                        for _ in range(2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = HostReads()
     for _ in range(3):
         model(torch.randn(2, 3, 64, 64)).logits.sum().backward()
         optimizer.step()
         optimizer.zero_grad()
         reference.update_parameters(model)
-        update_ema(ours, model, decay, warmup=False)
+        with guard:
+            update_ema(ours, model, decay, warmup=False)
+    assert guard.reads == []
     expected, got = reference.state_dict(), ours.state_dict()
     assert int(got["n_averaged"]) == 3 and not torch.equal(got["module.fc.weight"], model.fc.weight)
     for name in expected:

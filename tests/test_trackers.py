@@ -140,14 +140,17 @@ def test_every_scalar_reaches_every_tracker_and_a_resume_continues_their_runs(ti
     first = train(2, *args, "train.max_steps=6", cwd=tmp_path, env=env)
     run_dir = tmp_path / "all"
     saved = json.loads((run_dir / "trackers.json").read_text())
-    assert saved["logged_through"] == 6 and set(saved) == {"mlflow", "wandb", "aim", "logged_through"}
+    assert set(saved) == {"mlflow", "wandb", "aim", "sent_through"}
+    assert saved["sent_through"]["train/loss"] == saved["sent_through"]["val/top1_error"] == 6
+    assert saved["sent_through"]["recipe/lr"] == 0
     for name in ("mlflow", "wandb", "aim"):
         assert f"{name}: logging to run" in first.stderr
     assert not warnings(first.stderr), warnings(first.stderr)
     shutil.rmtree(run_dir / "checkpoints" / "step-00000006")
     second = train(2, *args, "train.max_steps=10", cwd=tmp_path, env=env)
     assert "(step 4)" in second.stderr and not warnings(second.stderr), second.stderr[-3000:]
-    assert json.loads((run_dir / "trackers.json").read_text()) == {**saved, "logged_through": 10}
+    resumed = {tag: 0 if tag.startswith("recipe/") else 10 for tag in saved["sent_through"]}
+    assert json.loads((run_dir / "trackers.json").read_text()) == {**saved, "sent_through": resumed}
 
     board = scalars(run_dir)  # TensorBoard: the first job's steps up to 4, then the resume's
     assert [s for s, _ in board["train/loss"]] == [2, 4, 6, 8, 10]
@@ -261,7 +264,7 @@ def test_a_tracker_lost_mid_run_is_one_warning_and_off_for_the_rest(tmp_path):
     assert lines[0].endswith("off for the rest of the run") and PASSWORD not in err
     result = json.loads(out.strip().splitlines()[-1])
     # Step 4 was recorded before its send failed; nothing was tried after it.
-    assert result["alive"] == [] and result["state"]["logged_through"] == 4
+    assert result["alive"] == [] and result["state"]["sent_through"] == {"train/loss": 4}
     assert PASSWORD not in (tmp_path / "lost" / "trackers.json").read_text()
     from mlflow.tracking import MlflowClient
 

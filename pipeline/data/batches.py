@@ -8,7 +8,12 @@ IGNORE_LABEL), so batch counts and shapes stay equal on every rank.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.pool
+import multiprocessing.resource_tracker
+import os
 import signal
 
 import numpy as np
@@ -97,11 +102,59 @@ def decode_or_skip(item: Sample | Skipped, decode, split: str) -> tuple[np.ndarr
         return None, Skipped(item.shard, item.index, item.key, f"does not decode ({type(exc).__name__}: {exc})").record(split)
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """SIGTERM reaches the whole process group (SLURM, torch's launcher): the training process
-    checkpoints and stops at the next step, but a loader worker killed by it would crash the
-    training process first. Workers still end with it (they watch their parent)."""
+# Imported once by the fork server, so that every loader worker starts with them.
+WORKER_PRELOAD = ["torch", "numpy", "PIL.Image", "webdataset", "pipeline.data.webdataset_input"]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a fork server, a process that runs no other thread. A
+    worker forked from the training process would inherit every lock that one of its other
+    threads (the trackers', the run lock's heartbeat, the stall watch, fsspec's event loop)
+    held at that moment (an import, stdio, a logging handler) and wait for it forever.
+
+    The server is started once per process (again if it died), by fork and exec, with SIGTERM
+    blocked, which the workers it forks inherit: SIGTERM to the process group must end neither
+    (a worker whose parent, the server, ends takes it for the end of the training process)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts
+    # The server starts the resource tracker first, which unblocks SIGTERM after starting it.
+    multiprocessing.resource_tracker.ensure_running()
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+    return context
+
+
+def inherit_environment(environ: dict[str, str]) -> None:
+    """A process of the fork server starts with the server's environment, as it was when the
+    server started: take that of the process that starts it, as it is now, as a fork would
+    (variables set since: a test's AWS_*, the credentials sharer's socket)."""
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def start_worker(environ: dict[str, str], worker_id: int) -> None:
+    """A loader worker's first call. SIGTERM reaches the whole process group (SLURM, torch's
+    launcher): the training process checkpoints and stops at the next step, but a loader worker
+    killed by it would crash the training process first. Workers still end with it (their
+    parent, the fork server, does). (Already blocked where ``worker_context`` started the
+    server; not where another did.)"""
+    inherit_environment(environ)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def start_pool_process(environ: dict[str, str]) -> None:
+    """A ``worker_pool`` process's first call: ``Pool.terminate`` ends them with SIGTERM, and waits."""
+    inherit_environment(environ)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def worker_pool(processes: int) -> multiprocessing.pool.Pool:
+    """A Pool of processes of ``worker_context``'s fork server."""
+    return worker_context().Pool(processes, initializer=start_pool_process, initargs=(dict(os.environ),))
 
 
 @atexit.register
@@ -119,7 +172,10 @@ def kill_leftover_workers() -> None:
 
 def make_loader(stream: IterableDataset, workers: int, pin_memory: bool, persistent: bool = False) -> DataLoader:
     """``persistent``: the workers outlive an iteration (a TrainStream's workers then go on with
-    the next epoch by themselves); otherwise they are forked anew, with the stream's epoch."""
+    the next epoch by themselves); otherwise they are started anew, with the stream's epoch.
+    Workers start from ``worker_context``'s fork server, each with its own unpickled copy of
+    ``stream`` and this process's environment: they see the module state of a fresh import,
+    not this process's."""
     return DataLoader(
         stream,
         batch_size=None,  # batches are formed in the workers
@@ -127,6 +183,6 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool, persist
         pin_memory=pin_memory,
         persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers else None,
-        multiprocessing_context="fork" if workers else None,
-        worker_init_fn=ignore_sigterm if workers else None,
+        multiprocessing_context=worker_context() if workers else None,
+        worker_init_fn=functools.partial(start_worker, dict(os.environ)) if workers else None,
     )

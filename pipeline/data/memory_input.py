@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +42,7 @@ from imaging.crops import center_box
 from imaging.specs import CropSpec
 from pipeline.config import ConfigError
 
+from .batches import worker_pool
 from .prepared import BadSampleError, PreparedData, Sample, Shard, Skipped, equal_ranges, mix_seed, shard_range
 
 
@@ -79,9 +79,10 @@ def decode_shard(shard: Shard, num_classes: int) -> DecodedShard:
 
 
 def decode_pool(processes: int):
-    """Decode processes started by a fork server: the training process already runs the process
-    group's (and CUDA's) threads, and a fork copies their locks in whatever state they are in."""
-    return multiprocessing.get_context("forkserver").Pool(processes)
+    """Decode processes started by the loader workers' fork server: the training process already
+    runs the process group's (and CUDA's) threads, and a fork copies their locks in whatever
+    state they are in."""
+    return worker_pool(processes)
 
 
 def decode_split(shards: list[Shard], workers: int, where: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class PreparedData:
-    directory: Path | str  # a folder, or the URL of an object-store prefix
+    directory: Path | str  # a folder, or the URL of an object-store prefix as shown (no user:password@, no query)
     classes: list[dict]
     train: list[Shard]
     val: list[Shard]
@@ -143,12 +143,13 @@ def _open_remote(location: str, options: RemoteOptions) -> PreparedData:
         index = DatasetIndex(data)
     cache = None
     if options.cache_dir:
-        cache = ShardCache(Path(options.cache_dir), int(options.cache_max_gb * 1e9))
+        min_free = None if options.cache_min_free_gb is None else int(options.cache_min_free_gb * 1e9)
+        cache = ShardCache(Path(options.cache_dir), int(options.cache_max_gb * 1e9), min_free)
     remote = RemoteShards(store, index, cache)
     files = {split: [Shard(store.shown(s["name"]), s["samples"], s.get("group", 0), s["name"], s["bytes"],
                            s["sha256"], remote) for s in manifest["splits"][split]["shards"]]
              for split in ("train", "val")}
-    return _prepared(location, manifest, files, remote)
+    return _prepared(store.shown(), manifest, files, remote)  # the store keeps the URL that reads
 
 
 def check_groups(shards: list[Shard], augment_copies: int, manifest: Path | str) -> None:

@@ -36,7 +36,7 @@ from imaging.photometric import photometric_distort
 from imaging.specs import CropSpec, PhotometricSpec
 from shards.store import StoreError
 
-from .batches import decode_or_skip, image_batches, make_loader
+from .batches import decode_or_skip, image_batches, make_loader, worker_context
 from .prepared import Shard, equal_ranges, mix_seed, sample_range, shard_range, worker_slot
 
 
@@ -222,13 +222,17 @@ class EvalStream(IterableDataset):
 class WebDatasetInput:
     """The trainer's view of the shards: training batches per epoch, validation batches.
 
-    The training workers persist from epoch to epoch (no fork and start-up per epoch): each
-    worker computes the next epoch's plan itself. A resumed epoch (``start_batch`` > 0), or an
-    epoch other than the next, starts fresh workers from that point."""
+    The training workers persist from epoch to epoch (no start-up per epoch): each worker
+    computes the next epoch's plan itself. A resumed epoch (``start_batch`` > 0), or an epoch
+    other than the next, starts fresh workers from that point. The validation workers persist
+    too, from one validation to the next. Workers come from a fork server (``worker_context``),
+    started here so that it imports their modules while the trainer builds the rest."""
 
     def __init__(self, train: TrainStream, val: EvalStream, workers: int, pin_memory: bool):
         self.train, self.val, self.workers, self.pin_memory = train, val, workers, pin_memory
-        self.train_loader, self.next_epoch = None, None
+        self.train_loader, self.next_epoch, self.val_loader = None, None, None
+        if workers:
+            worker_context()
 
     def train_batches(self, epoch: int, start_batch: int = 0):
         self.train.set_epoch(epoch, start_batch)
@@ -238,4 +242,6 @@ class WebDatasetInput:
         return iter(self.train_loader)
 
     def val_batches(self):
-        return iter(make_loader(self.val, self.workers, self.pin_memory))
+        if self.val_loader is None:
+            self.val_loader = make_loader(self.val, self.workers, self.pin_memory, persistent=True)
+        return iter(self.val_loader)

@@ -40,7 +40,7 @@ from pipeline.models import forward_with_aux
 from pipeline.ops.launch import on_every_rank
 from pipeline.train.metrics import Tally
 from shards.manifest import PrepError
-from shards.store import StoreError, error_line
+from shards.store import StoreError, error_line, redact
 
 from .crop_stream import CropStream
 from .multi_crop import CROP_COUNTS, network_input
@@ -155,7 +155,7 @@ def evaluate(models: list[LoadedModel], data: PreparedData, crops: int, accelera
         "models": [{"description": m.description, "model": m.config.model.name,
                     "run": str(m.run_dir) if m.run_dir else None,
                     "checkpoint": str(m.checkpoint) if m.checkpoint else None, "ema": m.ema} for m in models],
-        "data": str(data.directory), "val_samples": data.val_samples, "image_size": image_size,
+        "data": redact(str(data.directory)), "val_samples": data.val_samples, "image_size": image_size,
         "eval_resize": eval_resize, "crops": crops, "processes": acc.num_processes,
         "device": acc.device.type, "mixed_precision": acc.mixed_precision, "seconds": seconds,
         "images_per_sec": data.val_samples / seconds,

@@ -2,8 +2,8 @@
 
 ``runs/NAME/`` holds ``config.yaml`` (the trainer's full configuration), ``classes.json`` (the
 manifest's classes, written when training starts) and ``checkpoints/step-NNNNNNNN/``
-(Accelerate's ``save_state``: ``model.safetensors``, and with ``ema.enabled`` the EMA's state as
-one of the ``custom_checkpoint_N.pkl`` objects); ``checkpoints/best.json`` names the best, for
+(Accelerate's ``save_state``: ``model.safetensors``; with ``ema.enabled`` the EMA's state in
+``ema.safetensors``); ``checkpoints/best.json`` names the best, for
 the trained weights and for their EMA.
 """
 from __future__ import annotations

@@ -24,11 +24,35 @@ def on_every_rank(exc: BaseException) -> BaseException:
     return exc
 
 
+def dynamo_plugin(config: Config, compile_model: bool) -> TorchDynamoPlugin:
+    """How ``prepare`` compiles: the recipe's backend and mode, torch.compile's defaults for the
+    rest. Every field is set here: TorchDynamoPlugin fills a field left None from
+    ACCELERATE_DYNAMO_*, which ``accelerate launch`` sets from the user's default Accelerate
+    config, and would then turn on fullgraph, dynamic shapes or regional compilation, or
+    change the mode, behind the recipe's back."""
+    plugin = TorchDynamoPlugin(backend=config.model.compile_backend if compile_model else "no",
+                               mode=config.model.compile_mode, fullgraph=False, use_regional_compilation=False,
+                               options=None, disable=False)
+    plugin.dynamic = None  # torch.compile's default; given as None, it would be read from the environment
+    return plugin
+
+
+def compilation(config: Config) -> str:
+    """The start-up line's word on compilation, which only the recipe decides."""
+    if config.model.compile:
+        return (f"compiled ({config.model.compile_backend}, {config.model.compile_mode}) as the recipe says "
+                f"(model.compile), not ACCELERATE_DYNAMO_*")
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    if backend.lower() != "no":
+        return f"not compiled: the recipe's model.compile is false (ACCELERATE_DYNAMO_BACKEND={backend} not used)"
+    return ""
+
+
 def make_accelerator(config: Config, *, compile_model: bool = False) -> Accelerator:
     """``compile_model``: let ``prepare`` torch.compile the model after wrapping it in DDP, as
     torch documents for DDP (the compiled graph is split at DDP's gradient buckets, so their
-    all-reduce overlaps the backward); only ``model.compile`` decides, not Accelerate's
-    environment or config file."""
+    all-reduce overlaps the backward); only the recipe decides (``dynamo_plugin``), not
+    Accelerate's environment or config file."""
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # A NCCL collective that times out aborts the communicator and ends the process (instead of
@@ -44,8 +68,7 @@ def make_accelerator(config: Config, *, compile_model: bool = False) -> Accelera
         log_with=["tensorboard"] if "tensorboard" in config.train.log_with else None,
         project_config=ProjectConfiguration(project_dir=str(config.run_dir), logging_dir=str(config.run_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout_s))],
-        dynamo_plugin=TorchDynamoPlugin(backend=config.model.compile_backend, mode=config.model.compile_mode)
-        if compile_model else TorchDynamoPlugin(backend="no"),
+        dynamo_plugin=dynamo_plugin(config, compile_model),
     )
     if accelerator.device.type == "cuda":
         # Shapes are static within a run: let cuDNN time its algorithms once per shape and keep

@@ -1,12 +1,22 @@
 """Atomic checkpoints with Accelerate's state saving; keep the last K and the best.
 
-Every process writes its part (model, optimizer, scaler, registered scheduler and EMA, its
-RNG states) into ``checkpoints/.tmp-step-NNNNNNNN`` through ``Accelerator.save_state``; after
-a barrier the main process adds ``trainer_state.json`` and renames the directory to
-``step-NNNNNNNN``. Only renamed directories are ever loaded, so a crash mid-write never
-leaves a checkpoint that looks complete. We name directories ourselves instead of using
-Accelerate's automatic naming, whose counter ``load_state()`` does not restore. A save that
+Every process writes its part (model, optimizer, scaler, its RNG states) into
+``checkpoints/.tmp-step-NNNNNNNN`` through ``Accelerator.save_state``; the main process adds
+the scheduler's state (``scheduler.json``), the EMA's (``ema.safetensors``) and, after a
+barrier, ``trainer_state.json``, and renames the directory to ``step-NNNNNNNN``. Only renamed
+directories are ever loaded, so a crash mid-write never leaves a checkpoint that looks complete.
+We name directories ourselves instead of using Accelerate's automatic naming, whose counter
+``load_state()`` does not restore. A save that
 fails (a full disk, most often) removes its temporary directory and says what it needed.
+
+The scheduler and the EMA are not Accelerate's registered objects: it pickles those into
+``custom_checkpoint_N.pkl`` and unpickles them with ``weights_only=False``, which runs whatever
+code a file names. Ours are plain data, and checkpoints of earlier versions resume when their
+pickles load with ``weights_only=True``; one that holds anything else is refused, naming it.
+
+Which checkpoint a job resumes from is the main process's choice (``agreed_latest``): on a
+shared disk another node may not list a new ``step-N`` yet (NFS caches directories for up to a
+minute), and a process that resumed from an older one would leave the replicas apart.
 
 ``best.json`` names the best checkpoint by validation top-1 error for each kind of weights
 evaluated: ``{"model": {...}, "ema": {...}}`` (the trained weights, and their Polyak average,
@@ -14,15 +24,21 @@ which is the paper's final model), each with its checkpoint, error and step. Pru
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from pipeline.config import ConfigError
 from pipeline.ops.launch import on_every_rank
@@ -31,6 +47,10 @@ from shards.manifest import atomic_write_json
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
 CLASSES_FILE = "classes.json"  # the manifest's classes, for evaluation and prediction
+SCHEDULER_FILE = "scheduler.json"  # the learning-rate scheduler's state_dict
+EMA_FILE = "ema.safetensors"  # the EMA's state_dict (torch's AveragedModel: module.*, n_averaged)
+# Earlier versions' scheduler (0) and EMA (1): Accelerate's custom states, torch.save'd pickles.
+LEGACY_STATE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -72,6 +92,56 @@ def save_plain_weights(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def load_plain(path: Path):
+    """``torch.load`` of a file that may hold tensors, numbers, strings and containers only
+    (``weights_only=True``); a file that names anything else to unpickle is refused, naming it
+    and what it names, and none of it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        checkpoint = Path(path).parent
+        raise ConfigError(
+            f"{path}: not plain state: unpickling it would call {named.group(1) if named else 'code'}, so it is not "
+            f"loaded. Resume from another checkpoint (move {checkpoint.name} out of {checkpoint.parent}), or start "
+            f"a new run from its weights: model.weights={checkpoint} name=..."
+        ) from None
+
+
+def legacy_states(checkpoint: Path) -> dict[str, dict]:
+    """The scheduler's and the EMA's states of a checkpoint of an earlier version (``scheduler``,
+    ``ema``: those present), from its custom_checkpoint_N.pkl files; ConfigError if one is not plain."""
+    states = {}
+    for path in sorted(p for p in checkpoint.iterdir() if LEGACY_STATE.match(p.name)):
+        state = load_plain(path)
+        if isinstance(state, dict):
+            states["ema" if "n_averaged" in state else "scheduler"] = state
+    return states
+
+
+def saved_ema_state(checkpoint: Path) -> dict | None:
+    """The EMA's state_dict in a checkpoint (``module.``-prefixed keys and ``n_averaged``), also
+    from an earlier version's pickles where they are plain; None where there is none."""
+    if (checkpoint / EMA_FILE).is_file():
+        return load_file(checkpoint / EMA_FILE)
+    try:
+        return legacy_states(checkpoint).get("ema")
+    except ConfigError:
+        return None
+
+
+@contextlib.contextmanager
+def without_legacy_states(checkpoint: Path):
+    """The checkpoint as a folder of links without its custom_checkpoint_N.pkl files, for
+    ``Accelerator.load_state``: it would unpickle them with ``weights_only=False`` (and, with no
+    objects registered, it refuses a folder that has any)."""
+    with tempfile.TemporaryDirectory(prefix=f"{checkpoint.name}-") as view:
+        for entry in checkpoint.iterdir():
+            if not LEGACY_STATE.match(entry.name):
+                (Path(view) / entry.name).symlink_to(entry.resolve())
+        yield Path(view)
+
+
 class NoSpaceForCheckpoint(RuntimeError):
     """A checkpoint did not fit on its disk; the message names the path and the space needed."""
 
@@ -92,10 +162,23 @@ def out_of_space(exc: BaseException, directory: Path, needed: int) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, accelerator, keep_last: int):
+    """``resume_wait_s``: how long a process waits to see the checkpoint the main process chose
+    (``agreed_latest``)."""
+
+    _NOT_CHOSEN = object()
+
+    def __init__(self, directory: Path, accelerator, keep_last: int, resume_wait_s: float = 0.0):
         self.directory = Path(directory)
         self.accelerator = accelerator
         self.keep_last = keep_last
+        self.resume_wait_s = resume_wait_s
+        self.scheduler = None
+        self.ema = None
+        self._agreed = self._NOT_CHOSEN
+
+    def register(self, scheduler=None, ema=None) -> None:
+        """The learning-rate scheduler and the EMA (an AveragedModel), saved and loaded with each checkpoint."""
+        self.scheduler, self.ema = scheduler, ema
 
     def complete(self) -> list[Path]:
         """Finished checkpoints, oldest first."""
@@ -107,6 +190,42 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None
+
+    def agreed_latest(self) -> Path | None:
+        """The checkpoint every process resumes from: the newest complete one the main process
+        sees (None: none), chosen once. A process that does not see it yet waits up to
+        ``resume_wait_s``; if one still does not, every process stops with one line naming it."""
+        if self._agreed is not self._NOT_CHOSEN:
+            return self._agreed
+        acc = self.accelerator
+        chosen = self.latest() if acc.is_main_process else None
+        if acc.num_processes > 1:
+            step = torch.tensor([int(chosen.name.removeprefix("step-")) if chosen else -1], device=acc.device)
+            torch.distributed.broadcast(step, src=0)
+            chosen = self.directory / f"step-{int(step.item()):08d}" if step.item() >= 0 else None
+            if chosen is not None:
+                self._wait_until_all_see(chosen)
+        self._agreed = chosen
+        return chosen
+
+    def _wait_until_all_see(self, chosen: Path) -> None:
+        acc = self.accelerator
+        seen = (chosen / STATE_FILE).is_file()
+        if not seen:
+            tqdm.write(f"process {acc.process_index}: waiting for {chosen}, which the main process resumes from, "
+                       f"to appear here (up to {self.resume_wait_s:g} s)", file=sys.stderr)
+            deadline = time.monotonic() + self.resume_wait_s
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.5)
+                seen = (chosen / STATE_FILE).is_file()
+        missing = acc.gather(torch.tensor([int(not seen)], device=acc.device)).tolist()
+        blind = [rank for rank, flag in enumerate(missing) if flag]
+        if blind:
+            raise on_every_rank(ConfigError(
+                f"{chosen}: the main process resumes from this checkpoint, but process{'es' if len(blind) > 1 else ''} "
+                f"{', '.join(map(str, blind))} did not see it within {self.resume_wait_s:g} s (half of "
+                f"train.collective_timeout_s). Is {self.directory} on a disk all nodes share, and do they see "
+                f"new files there (NFS: lookupcache, actimeo)?"))
 
     def best(self, kind: str = "model") -> dict | None:
         """The best checkpoint's record for ``kind`` (model or ema), if it was ever evaluated."""
@@ -130,6 +249,7 @@ class CheckpointManager:
         try:
             acc.save_state(output_dir=str(tmp), safe_serialization=True)
             if acc.is_main_process:
+                self._save_states(tmp)
                 atomic_write_json(tmp / STATE_FILE, state)
         except Exception as exc:  # held until every process knows: a one-sided raise would hang the others
             error = exc
@@ -144,6 +264,13 @@ class CheckpointManager:
             self._prune()
         acc.wait_for_everyone()
         return final
+
+    def _save_states(self, directory: Path) -> None:
+        """The scheduler's and the EMA's states, as plain data (every process holds the same)."""
+        if self.scheduler is not None:
+            (directory / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+        if self.ema is not None:  # contiguous: channels_last weights are not, and safetensors stores them so
+            save_file({k: v.detach().contiguous() for k, v in self.ema.state_dict().items()}, directory / EMA_FILE)
 
     def _failed(self, final: Path, tmp: Path, error: BaseException | None, full: bool, size_estimate) -> None:
         """Every process raises: the main process removes the half-written directory."""
@@ -186,15 +313,49 @@ class CheckpointManager:
         return json.loads((checkpoint / STATE_FILE).read_text())
 
     def load(self, checkpoint: Path) -> dict:
-        self.accelerator.load_state(str(checkpoint))
+        acc = self.accelerator
+        try:  # first: a refused file leaves everything as it was
+            states, refused = self._read_states(checkpoint), None
+        except ConfigError as exc:
+            states, refused = {}, exc
+        refusals = int(acc.reduce(torch.tensor([int(refused is not None)], device=acc.device), reduction="sum").item())
+        if refusals:  # every process stops, and the line is printed once where all refused alike
+            if refused is None:
+                raise on_every_rank(ConfigError(f"{checkpoint}: another process refused its state (see its error)"))
+            raise on_every_rank(refused) if refusals == acc.num_processes else refused
+        if any(LEGACY_STATE.match(p.name) for p in checkpoint.iterdir()):
+            with without_legacy_states(checkpoint) as view:
+                acc.load_state(str(view))
+        else:
+            acc.load_state(str(checkpoint))
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(states["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(states["ema"])
         return self.state(checkpoint)
+
+    def _read_states(self, checkpoint: Path) -> dict[str, dict]:
+        if (checkpoint / SCHEDULER_FILE).is_file():
+            states = {"scheduler": json.loads((checkpoint / SCHEDULER_FILE).read_text())}
+            if (checkpoint / EMA_FILE).is_file():
+                states["ema"] = load_file(checkpoint / EMA_FILE)
+        else:
+            states = legacy_states(checkpoint)
+        if self.scheduler is not None and "scheduler" not in states:
+            raise ConfigError(f"{checkpoint}: no learning-rate scheduler state ({SCHEDULER_FILE}); "
+                              f"not a complete checkpoint of this trainer")
+        if self.ema is not None and "ema" not in states:
+            raise ConfigError(f"{checkpoint}: no EMA state ({EMA_FILE}): the run was trained with "
+                              f"ema.enabled=false; resume with ema.enabled=false, or start a new run (name=...)")
+        return states
 
 
 def resume_latest(checkpoints: CheckpointManager, layout: dict) -> tuple[Path, dict] | None:
-    """Load the newest complete checkpoint into the registered objects and return it with its
-    trainer state; None when there is none. Refused (ConfigError) when it was written with
-    another batch layout or schedule, which would not replay the same batches and rates."""
-    latest = checkpoints.latest()
+    """Load the newest complete checkpoint (as the main process sees it) into the registered
+    objects and return it with its trainer state; None when there is none. Refused (ConfigError)
+    when it was written with another batch layout or schedule, which would not replay the same
+    batches and rates."""
+    latest = checkpoints.agreed_latest()
     if latest is None:
         return None
     saved = checkpoints.state(latest).get("layout", {})

@@ -17,7 +17,10 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, warmup:
     device): the first average copies the weights, later ones move ``1 - decay`` of the way to
     them, chosen on the device. ``warmup``: the n-th average decays by at most (1 + n) / (10 + n)
     (timm's warm-up), so that early on the average follows the weights instead of keeping the
-    random initial ones, whose batch-norm statistics make it predict one class."""
+    random initial ones, whose batch-norm statistics make it predict one class.
+
+    ``n_averaged`` must be on the weights' device (``build_run`` makes it so): the weight of the
+    update is then computed there and never read by the host."""
     n = ema.n_averaged
     first = n.eq(0)
     rate = ((1 + n) / (10 + n)).double().clamp(max=decay) if warmup else decay  # in float64, as decay is
@@ -31,7 +34,10 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, warmup:
         else:  # integer buffers (batch norm's num_batches_tracked), as AveragedModel treats them
             averaged.copy_(torch.where(first, current, averaged * rate + current * (1 - rate)))
     for dtype, (averaged, current) in by_dtype.items():
-        torch._foreach_lerp_(averaged, current, torch.where(first, 1.0, 1.0 - rate).to(dtype))
+        weight = torch.where(first, 1.0, 1.0 - rate).to(dtype)
+        # A 0-dim tensor as the weight would be read on the host (torch takes it as a Python
+        # number); the same tensor once per averaged tensor, in a list, stays on the device.
+        torch._foreach_lerp_(averaged, current, [weight] * len(averaged))
     ema.n_averaged += 1
 
 

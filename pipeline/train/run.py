@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from accelerate import Accelerator
@@ -25,10 +26,11 @@ from pipeline.data.device_augment import DeviceInput
 from pipeline.data.prepared import PreparedData
 from pipeline.data.webdataset_input import EvalStream, TrainStream, WebDatasetInput
 from pipeline.models import build_model, use_torchvision_input
-from pipeline.ops.launch import loader_workers, make_accelerator
+from pipeline.ops.launch import compilation, loader_workers, make_accelerator
 from pipeline.ops.preemption import PreemptionWatch
 from pipeline.ops.run_lock import RunLock
 from pipeline.ops.stall_watch import StallWatch
+from shards.store import is_remote, redact
 
 from .bad_samples import BadSamples
 from .checkpoint import CheckpointManager, save_plain_weights
@@ -128,6 +130,19 @@ def build_network(config: Config, num_classes: int, class_ids: list[str] | None 
     return model
 
 
+def recorded_config(config: Config) -> tuple[Config, str | None]:
+    """The configuration as the run directory records it (config.yaml, TensorBoard's config text,
+    the trackers' parameters): ``data.dir`` without user:password@ or a query (a signed URL's).
+    With a line to print when that changed it: how to give the credentials back."""
+    url = urlsplit(config.data.dir or "")
+    if not (is_remote(config.data.dir) and (url.username or url.password or url.query)):
+        return config, None
+    shown = redact(config.data.dir)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, dir=shown)), (
+        f"config.yaml records data.dir as {shown} without its credentials (user:password@, query); give the full "
+        f"URL again to read the data: data.dir=URL to resume, --data URL to evaluate")
+
+
 def build_run(config: Config, data: PreparedData) -> Run:
     c = config
     accelerator = make_accelerator(c, compile_model=c.model.compile)
@@ -147,7 +162,10 @@ def build_run(config: Config, data: PreparedData) -> Run:
             tqdm.write(f"warning: {warning}", file=sys.stderr)
 
     say = (lambda line: tqdm.write(line, file=sys.stderr)) if accelerator.is_main_process else (lambda line: None)
-    resuming = CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints).latest() is not None
+    # Half the collective timeout: the main process waits meanwhile in a collective, which must not time out first.
+    checkpoints = CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints,
+                                    resume_wait_s=c.collective_timeout_s / 2)
+    resuming = checkpoints.agreed_latest() is not None
     model = build_network(c, data.num_classes, [entry["id"] for entry in data.classes], say, resuming)
     # Not under fp16: with a fused optimizer the GradScaler lets it skip an overflowing update
     # inside its kernel, and step_was_skipped no longer tells (the EMA would average the skip).
@@ -159,13 +177,15 @@ def build_run(config: Config, data: PreparedData) -> Run:
     # DDP, then torch.compile of the DDP module where model.compile is on (make_accelerator).
     model, optimizer = accelerator.prepare(model, optimizer)
     save_plain_weights(accelerator)  # checkpoints hold the bare module's keys, compiled or not
-    accelerator.register_for_checkpointing(scheduler)
     ema, decay = None, None
     if c.ema.enabled:  # of the bare module: one more model, not one more compilation
         decay = ema_decay(c.ema, layout.images_per_update, layout.epoch_images)
         bare = accelerator.unwrap_model(model, keep_torch_compile=False)
-        ema = AveragedModel(bare, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        accelerator.register_for_checkpointing(ema)
+        # Its count beside the weights (torch's default is the CPU): update_ema reads nothing back.
+        ema = AveragedModel(bare, device=accelerator.device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    # Beside Accelerate's state, as plain data: its registered objects are unpickled as code.
+    checkpoints.register(scheduler=scheduler, ema=ema)
 
     a = c.data.augment
     photometric = PhotometricSpec(
@@ -186,7 +206,7 @@ def build_run(config: Config, data: PreparedData) -> Run:
                                  photometric=photometric if distort and not in_workers else None,
                                  compile_mode=c.model.compile_mode if c.model.compile else None,
                                  compile_backend=c.model.compile_backend),
-        checkpoints=CheckpointManager(c.run_dir / "checkpoints", accelerator, c.train.keep_checkpoints),
+        checkpoints=checkpoints,
         preemption=PreemptionWatch().install(),
         stall_watch=StallWatch(c.collective_timeout_s, f"process {accelerator.process_index}",
                                alone=accelerator.num_processes == 1),
@@ -241,7 +261,7 @@ def describe(run: Run) -> str:
     if run.warmup_epochs:
         chosen = " (chosen for the batch)" if c.schedule.warmup_epochs is None else ""
         lr += f" after {run.warmup_epochs:g} warm-up epoch{'s' if run.warmup_epochs != 1 else ''}{chosen}"
-    compiled = f", compiled ({c.model.compile_backend}, {c.model.compile_mode})" if c.model.compile else ""
+    compiled = f", {note}" if (note := compilation(c)) else ""  # only the recipe decides
     processes = f"{acc.num_processes} process{'es' if acc.num_processes != 1 else ''}"
     ema = (f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs"
            f"{', warmed up' if c.ema.warmup else ''})" if run.ema else "")

@@ -1,9 +1,10 @@
 """A training run on disk, read back: which checkpoint a run directory means, and its weights.
 
 ``runs/NAME/`` holds ``config.yaml``, ``classes.json`` and ``checkpoints/step-NNNNNNNN/``
-(``model.safetensors``, and with ``ema.enabled`` the EMA as one of the ``custom_checkpoint_N.pkl``
-objects); ``checkpoints/best.json`` names the best checkpoint of the trained weights and of their
-EMA. Used by fine-tuning (``model.weights``) and by evaluation, prediction, export and the hub.
+(``model.safetensors``, and with ``ema.enabled`` the EMA's ``ema.safetensors``; earlier versions
+pickled it as one of the ``custom_checkpoint_N.pkl`` objects); ``checkpoints/best.json`` names
+the best checkpoint of the trained weights and of their EMA. Used by fine-tuning
+(``model.weights``) and by evaluation, prediction, export and the hub.
 
 An exported state dict ``FILE.pth`` has its metadata beside it, ``FILE.pth.json``: the network,
 the classes, the input convention (:func:`read_export_meta`).
@@ -13,11 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from pipeline.config import Config
 
-from .checkpoint import BEST_FILE, STATE_FILE, CheckpointManager, bare_keys
+from .checkpoint import BEST_FILE, EMA_FILE, STATE_FILE, CheckpointManager, bare_keys, saved_ema_state
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
@@ -68,18 +67,14 @@ def pick_checkpoint(run_dir: Path, which: str, ema: bool = False) -> Path:
 
 
 def ema_state(checkpoint: Path, run_dir: Path, config: Config) -> dict:
-    """The EMA's weights from a checkpoint: the custom object whose state has ``n_averaged``
-    (torch's ``AveragedModel``), with its ``module.`` prefix taken off."""
+    """The EMA's weights from a checkpoint (torch's ``AveragedModel``), with its ``module.`` prefix taken off."""
     if not config.ema.enabled:
         raise RunError(f"{run_dir} was trained without EMA (ema.enabled: false); leave out --ema")
-    for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            continue  # the scheduler's state, or anything else that is not plain tensors
-        if isinstance(state, dict) and "n_averaged" in state:
-            return bare_keys({k: v for k, v in state.items() if k != "n_averaged"})
-    raise RunError(f"{checkpoint}: no EMA state among its custom_checkpoint_*.pkl files")
+    state = saved_ema_state(checkpoint)
+    if state is None:
+        raise RunError(f"{checkpoint}: no EMA state ({EMA_FILE}, or an earlier version's plain "
+                       f"custom_checkpoint_N.pkl)")
+    return bare_keys({k: v for k, v in state.items() if k != "n_averaged"})
 
 
 def read_export_meta(path: str | Path) -> dict | None:

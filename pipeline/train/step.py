@@ -30,7 +30,9 @@ def optimizer_step(accelerator, model: torch.nn.Module, optimizer, scheduler, cl
     """Clip, step, clear the gradients and advance the schedule. Returns False when fp16's
     GradScaler skipped the step (inf/nan gradients): the weights did not change, so the caller
     must not average them. The schedule still advances: the learning rate is a function of the
-    data position (the update's batches were consumed), so a skip never shifts the schedule."""
+    data position (the update's batches were consumed), so a skip never shifts the schedule.
+    To tell whether to step (unfused) SGD, the GradScaler reads its inf/nan flag on the host:
+    the one host read of an fp16 update (docs/performance.md)."""
     if clip_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
     optimizer.step()

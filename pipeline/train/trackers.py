@@ -9,9 +9,9 @@ processes would wait for the main one in the next collective, and end the job af
 or fails later, is one ``warning:`` line on stderr and is off for the rest of the run.
 
 ``trackers.json`` in the run directory keeps each tracker's run (MLflow run id, W&B run id, Aim
-run hash), so that a resume continues it, and the highest step sent to them. No credentials are
-written there, nor anywhere in the run directory: they come from the environment or the
-trackers' own login files, and warnings hide passwords in URLs and the values of secret
+run hash), so that a resume continues it, and the highest step of each scalar sent to them. No
+credentials are written there, nor anywhere in the run directory: they come from the environment
+or the trackers' own login files, and warnings hide passwords in URLs and the values of secret
 environment variables.
 """
 from __future__ import annotations
@@ -194,10 +194,14 @@ class Trackers:
         self.path = config.run_dir / STATE_FILE
         self.state = read_state(self.path) if names else {}
         # No step twice. TensorBoard hides what an interrupted run logged after its checkpoint
-        # (purge_step); the others cannot take values back, so the highest step sent to them is
-        # recorded before it is sent, and a resume sends only the steps above it: training resumes
-        # exactly, so the values of the steps it redoes are those already sent (throughput aside).
-        self.skip_through = int(self.state.get("logged_through", -1))
+        # (purge_step); the others cannot take values back, so the highest step of each scalar sent
+        # to them is recorded before it is sent, and a resume sends only the steps above it: training
+        # resumes exactly, so the values of the steps it redoes are those already sent (throughput
+        # aside). Per scalar, because validation logs at the step of the epoch's last training
+        # values: a job killed while it validates has sent those, not the validation's.
+        self.skip_through: dict[str, int] = dict(self.state.get("sent_through") or {})
+        # trackers.json of an earlier version: one step for every scalar
+        self.skip_all_through = int(self.state.get("logged_through", -1))
         self.active: dict[str, object] = {}
         self.queue: queue.Queue = queue.Queue()
         self.thread = None
@@ -209,8 +213,12 @@ class Trackers:
     def log(self, values: dict, step: int) -> None:
         if self.tensorboard is not None:
             self.tensorboard.log(values, step=step)
-        if self.thread is not None and step > self.skip_through:
-            self.queue.put((dict(values), step))
+        if self.thread is None:
+            return
+        unsent = {tag: value for tag, value in values.items()
+                  if step > max(self.skip_all_through, self.skip_through.get(tag, -1))}
+        if unsent:
+            self.queue.put((unsent, step))
 
     def finish(self, wait_s: float = FINISH_WAIT_S) -> None:
         if self.thread is None:
@@ -240,8 +248,10 @@ class Trackers:
             values, step = item
             if not self.active:
                 continue
-            if step > self.state.get("logged_through", -1):
-                self.state["logged_through"] = step
+            sent_through = self.state.setdefault("sent_through", {})
+            newer = {tag: step for tag in values if step > sent_through.get(tag, -1)}
+            if newer:
+                sent_through.update(newer)
                 self._save()
             for name, tracker in list(self.active.items()):
                 try:
@@ -267,7 +277,7 @@ class Trackers:
 
 
 def read_state(path: Path) -> dict:
-    """trackers.json: {"mlflow": {"run_id"}, "wandb": {"id"}, "aim": {"run_hash"}, "logged_through": step}."""
+    """trackers.json: {"mlflow": {"run_id"}, "wandb": {"id"}, "aim": {"run_hash"}, "sent_through": {scalar: step}}."""
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:

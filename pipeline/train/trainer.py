@@ -39,7 +39,7 @@ from .checkpoint import resume_latest, write_classes
 from .ema import sync_ema_buffers, update_ema
 from .metrics import Tally
 from .recipe import scheduled_lr
-from .run import Progress, Run, build_run, describe
+from .run import Progress, Run, build_run, describe, recorded_config
 from .step import compute_loss, optimizer_step
 from .trackers import open_trackers, require_installed
 from .validate import validate
@@ -85,7 +85,9 @@ def resume(run: Run) -> None:
         path, state = found
         run.progress = Progress(state["step"], state.get("skipped_steps", 0), state.get("best", {}))
         run.bad_samples.load_state(state)
-        run.log(f"resumed from {path} (step {run.progress.step})")
+        acc = run.accelerator  # each process says it: all load the checkpoint the main process chose
+        who = f"process {acc.process_index}: " if acc.num_processes > 1 else ""
+        run.log_any(f"{who}resumed from {path} (step {run.progress.step})")
 
 
 def agree(run: Run, lost: bool) -> tuple[bool, Exception | None]:
@@ -337,11 +339,14 @@ def train_and_validate(run: Run) -> dict:
         (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     resume(run)  # before config.yaml is rewritten: a refused resume keeps the original
+    recorded, note = recorded_config(c)  # data.dir without its credentials, wherever it is written
     if acc.is_main_process:
-        (run.run_dir / "config.yaml").write_text(dump(c))
+        (run.run_dir / "config.yaml").write_text(dump(recorded))
         write_classes(run.run_dir, run.data.classes)  # for evaluation and prediction
-    tracking.start_tracking(acc, run.run_dir, run.progress.step, dump(c))
-    tracker = open_trackers(acc, c, tracking.tensorboard(acc))  # None on the other processes
+    if note:
+        run.log(note)
+    tracking.start_tracking(acc, run.run_dir, run.progress.step, dump(recorded))
+    tracker = open_trackers(acc, recorded, tracking.tensorboard(acc))  # None on the other processes
     if tracker is not None and run.progress.step == 0:  # what the recipe became at this scale
         tracker.log({"recipe/lr": run.lr, **({"recipe/ema_decay": run.ema_decay} if run.ema else {})}, step=0)
     run.log(describe(run))
