@@ -5,7 +5,7 @@ shard, and its loader workers issue only the data reads.
 It keeps what the loader reads, as flat numpy arrays: each sample's byte range in its shard and
 where its image and label lie inside that range (not the JSON metadata, not the keys: the tar
 headers name each sample, and are checked anyway). 28 bytes per sample: 37 MB for ImageNet's
-1.33 million images (1.8 MB compressed, one read), shared by a process's forked loader workers.
+1.33 million images (1.8 MB compressed, one read), sent once to each of a process's loader workers.
 """
 from __future__ import annotations
 

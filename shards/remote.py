@@ -62,7 +62,7 @@ _pool_lock = threading.Lock()
 
 
 def request_pool() -> ThreadPoolExecutor:
-    """This process's reader threads (a forked loader worker makes its own)."""
+    """This process's reader threads (each loader worker makes its own)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
@@ -90,7 +90,7 @@ NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)  # flock not su
 TEMP_INFIX = ".tar.tmp"
 
 _mismatched: set[str] = set()  # shards whose copy in the store failed the manifest's checksum here
-_warned_without_flock: set[Path] = set()  # cache folders this process has warned about (its forks inherit it)
+_warned_without_flock: set[Path] = set()  # cache folders this process has warned about
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,7 @@ class Store:
 
     @property
     def fs(self):
-        """This process's filesystem (a forked loader worker makes its own: not its parent's sockets)."""
+        """This process's filesystem (each loader worker makes its own: sockets and event loops do not cross processes)."""
         fs, pid = self._fs, self._pid
         if fs is None or pid != os.getpid():
             with self._lock:

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from pipeline.config import ConfigError
 from pipeline.ops.launch import on_every_rank
@@ -212,8 +211,8 @@ class CheckpointManager:
         acc = self.accelerator
         seen = (chosen / STATE_FILE).is_file()
         if not seen:
-            tqdm.write(f"process {acc.process_index}: waiting for {chosen}, which the main process resumes from, "
-                       f"to appear here (up to {self.resume_wait_s:g} s)", file=sys.stderr)
+            print(f"process {acc.process_index}: waiting for {chosen}, which the main process resumes from, "
+                  f"to appear here (up to {self.resume_wait_s:g} s)", file=sys.stderr, flush=True)  # before any bar
             deadline = time.monotonic() + self.resume_wait_s
             while not seen and time.monotonic() < deadline:
                 time.sleep(0.5)
