@@ -38,6 +38,21 @@ def atomic_write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists (O_EXCL: atomic, also on NFS v3+ and
+    Lustre, where flock may not work); False if it existed."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
 def load_manifest(directory: Path | str, store: Store | None = None) -> dict:
     """The manifest of a prepared dataset, in a folder or (``store``, or a URL) an object store."""
     if store is None and is_remote(directory):

@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from .dataset_index import DatasetIndex
+from .manifest import create_exclusive
 from .store import ObjectMissing, Store, StoreError
 from .tar_index import INDEX_SUFFIX, DamagedSample, Entry, SampleReader, sample_fields
 
@@ -315,7 +316,7 @@ class ShardCache:
                 return release
         path = self.directory / f"{sha256}.lockfile"
         data = me.to_bytes()
-        if _create_exclusive(path, data) or (self._stale_lock_removed(path, sha256) and _create_exclusive(path, data)):
+        if create_exclusive(path, data) or (self._stale_lock_removed(path, sha256) and create_exclusive(path, data)):
             return lambda: _remove_if_holds(path, data)
         return None
 
@@ -403,18 +404,6 @@ def _warn_without_flock(directory: Path, exc: OSError) -> None:
         _warned_without_flock.add(directory)
         print(f"warning: {directory}: flock fails there ({os.strerror(exc.errno)}; a Lustre mount needs "
               "-o flock): the shard cache locks with lock files made with O_EXCL instead", file=sys.stderr, flush=True)
-
-
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    return True
 
 
 def _read_with_mtime(path: Path) -> tuple[bytes, int]:

@@ -81,6 +81,28 @@ def subprocess_env() -> dict:
     return env
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a real small disk of that size ("2m", "400m"), unmounted after the test
+    (the tests run as root; tmpfs takes memory only for what is written); skipped where mounting
+    is not allowed."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk-{len(mounts)}"
+        where.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 @pytest.fixture(scope="module")
 def region_decoder(tmp_path_factory):
     """The region decoder, built into a temporary directory when it is not built in the tree;

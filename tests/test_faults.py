@@ -137,16 +137,8 @@ def test_sigterm_to_a_single_process_exits_143_after_its_checkpoint(tiny_data, t
 
 # ------------------------------------------------------------------------------------------ full disk
 @pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 400 MB (the tests run as root; tmpfs takes memory only for what is written)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmpfs):
+    return tmpfs("400m")
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import psutil
 
+from shards.manifest import create_exclusive
+
 LOCK_FILE = "run.lock"
 GUARD_FILE = "run.lock.takeover"
 UNREADABLE_GRACE_S = 5.0  # an unparsable lock younger than this may still be being written
@@ -112,23 +114,10 @@ def _unique() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
-
-
 def _age_s(directory: Path, mtime_ns: int) -> float:
     """Seconds since mtime_ns by the file server's clock: touch a probe and compare."""
     probe = directory / f".{LOCK_FILE}.probe.{_unique()}"
-    _create_exclusive(probe, b"")
+    create_exclusive(probe, b"")
     try:
         os.utime(probe)  # times=None: NFS sets the server's time
         return (os.stat(probe).st_mtime_ns - mtime_ns) / 1e9
@@ -139,7 +128,7 @@ def _age_s(directory: Path, mtime_ns: int) -> float:
 def _publish(path: Path, data: bytes) -> bool:
     """Create path with data, complete, unless it exists: write a temp file, then link it."""
     tmp = path.with_name(f".{path.name}.new.{_unique()}")
-    _create_exclusive(tmp, data)
+    create_exclusive(tmp, data)
     try:
         os.link(tmp, path)
         return True
@@ -200,7 +189,7 @@ def _take_over(path: Path, seen: _Seen) -> bool:
     """Remove the stale lock `seen` under the take-over guard; False: start again."""
     guard = path.with_name(GUARD_FILE)
     mine = _unique().encode()
-    if not _create_exclusive(guard, mine):
+    if not create_exclusive(guard, mine):
         other = _read(guard)
         if other is not None and _age_s(path.parent, other.mtime_ns) > GUARD_STALE_S:
             _remove_if(guard, other.data, other.mtime_ns)
