@@ -4,17 +4,23 @@ plots), whose tables it also prints.
 
     python -m benchmarks.gpu_report --out DIR [--cifar PATH] [--smoke] [--steps NAME ...] [--cap NAME=SECONDS ...]
 
-The steps, in this order, with their caps on a GPU (720 s in all: 12 minutes on one H100):
-- ``data`` (45 s): CIFAR-10 and the loader's JPEGs, prepared by ``benchmarks/gpu_report_data.py``;
+The steps, in this order, with their caps on a GPU (895 s in all: under 15 minutes on one H100):
+- ``data`` (90 s): CIFAR-10, the loader's JPEGs and the end-to-end runs' shards (10,240
+  synthetic JPEGs), prepared by ``benchmarks/gpu_report_data.py``;
 - ``bench_train`` (255 s): ``benchmarks/bench_train.py``'s table: torchvision's reference,
   ``googlenet_bn`` bf16 compiled, the paper's ``googlenet``, and end to end with validation
-  (10,240 synthetic JPEGs, 3 epochs, a throughput point every 10 updates for the epoch starts);
+  (the shard loader on those shards, 3 epochs, a throughput point every 10 updates for the epoch starts);
 - ``cifar10`` (170 s, then 30 s for the report): ``accelerate launch train.py --config
   configs/cifar10.yaml``, then ``python -m pipeline.train.report`` on the run: time to 94%, or
   where it stands at the cap, and the time-to-accuracy plot ``DIR/cifar10.png``;
 - ``seed_recipe`` (85 s): ``benchmarks/seed_recipe.py`` for one minute: its img/s and accuracy;
 - ``loader``, ``loader_restart`` (30 s each): ``benchmarks/bench_loader.py`` with every core as
   a worker, without and with restart markers;
+- ``dali_loader`` (30 s): ``bench_loader.py --dali-only --dali-variants --loaders-only``: the DALI
+  loader alone (224 px, every core a worker and a thread), hardware decoder load 0 and 1, each
+  crop's region decoded or the whole image, and the device memory its pipeline holds;
+- ``dali_end_to_end`` (100 s): ``bench_train``'s end-to-end run again with ``data.loader=dali``
+  (the same shards, configuration and rate), against the shard loader's and the device-resident rate;
 - ``cuda_tests`` (75 s): ``python -m pytest -m cuda``, the tests that skip without CUDA.
 
 A step that outlives its cap is killed with its process group and recorded as "timed out at N
@@ -42,14 +48,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPS = {"data": 45, "bench_train": 255, "cifar10": 170, "cifar10_report": 30, "seed_recipe": 85, "loader": 30,
-        "loader_restart": 30, "cuda_tests": 75}
+CAPS = {"data": 90, "bench_train": 255, "cifar10": 170, "cifar10_report": 30, "seed_recipe": 85, "loader": 30,
+        "loader_restart": 30, "dali_loader": 30, "dali_end_to_end": 100, "cuda_tests": 75}
 SMOKE_CAP = 900  # a safety net only: a loaded 2-core machine can take minutes for a tiny step
-STEPS = ("data", "bench_train", "cifar10", "seed_recipe", "loader", "loader_restart", "cuda_tests")
-NEEDS_DATA = {"cifar10", "seed_recipe", "loader", "loader_restart"}
+STEPS = ("data", "bench_train", "cifar10", "seed_recipe", "loader", "loader_restart", "dali_loader", "dali_end_to_end",
+         "cuda_tests")
+NEEDS_DATA = {"bench_train", "cifar10", "seed_recipe", "loader", "loader_restart", "dali_loader", "dali_end_to_end"}
 SEED_MINUTE = 60  # seconds of the seeds' recipe
 TEN_MINUTES = 600  # the CIFAR-10 target's time
 NO_DIP = 0.9  # an epoch's first log window at least this share of the median window: no dip at epoch starts
+LOADER_RATE = 12000  # img/s: the DALI loader alone must outrun googlenet_bn's target rate
+DALI_MEMORY_GIB = 4.0  # the device memory the DALI pipeline may hold: 5% of an H100's 80 GB
 SMOKE_CIFAR = ["data.image_size=32", "data.eval_resize=32", "data.batch_size=16", "data.workers=1",
                "data.shuffle_buffer=16", "schedule.epochs=2", "schedule.warmup_epochs=1", "train.log_every_steps=2",
                "train.image_grid=false",
@@ -119,7 +128,15 @@ class Report:
             ("paper_rate", "the paper's `googlenet` >= 8,000 img/s"),
             ("end_to_end", "end to end >= 85% of the device-resident rate"),
             ("dip", f"no dip at epoch starts (end to end: every first log window >= {NO_DIP:.0%} of the median)"),
-            ("cifar", "CIFAR-10 >= 94% top-1 in <= 10 min"))}
+            ("cifar", "CIFAR-10 >= 94% top-1 in <= 10 min"),
+            ("dali_load0", f"DALI loader alone (224 px, hw decoder load 0, region decoding) >= {LOADER_RATE:,} img/s"),
+            ("dali_load1", f"DALI loader alone with hw decoder load 1 (region decoding) >= {LOADER_RATE:,} img/s"),
+            ("dali_region", "DALI region decoding at least as fast as whole-image decoding (the faster load)"),
+            ("dali_memory", f"DALI pipeline's device memory <= {DALI_MEMORY_GIB:g} GiB"),
+            ("dali_end_to_end", "DALI end to end (`data.loader=dali`) >= 85% of the device-resident rate"),
+            ("dali_vs_shards", "DALI end to end at least as fast as the shard loader's end to end"),
+            ("dali_dip", f"DALI no dip at epoch starts (every first log window >= {NO_DIP:.0%} of the median)"))}
+        self.bench_rows: dict | None = None  # bench_train.json's rows by name, for the DALI end-to-end step
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self.torch_version, self.device = "?", "?"
 
@@ -172,6 +189,8 @@ class Report:
         json_path.unlink(missing_ok=True)
         sizes = ["--smoke", "--epochs", "2", "--log-every", "2"] if self.args.smoke else [
             "--synthetic-per-class", "1024", "--epochs", "3", "--log-every", "10"]  # 40 updates an epoch: 4 windows
+        if self.data:  # the shards the DALI end-to-end run reads too
+            sizes += ["--shards", self.data["e2e_shards"]]
         ran = self.finish(o, self.run("bench_train", self.python("benchmarks/bench_train.py", *sizes, "--json",
                                                                  str(json_path), "--keep-run", str(keep)),
                                       self.caps["bench_train"]))
@@ -179,7 +198,7 @@ class Report:
             o.details.append(f"```text\n{ran.stdout.strip()}\n```")
         if not json_path.is_file():  # written after the device-resident rows, and again after end to end
             return
-        rows = {row["name"].split(" (")[0]: row for row in json.loads(json_path.read_text())["rows"]}
+        rows = self.bench_rows = {row["name"].split(" (")[0]: row for row in json.loads(json_path.read_text())["rows"]}
         reference, bn, paper = rows["torchvision reference"], rows["googlenet_bn"], rows["googlenet"]  # its names
         end_to_end = rows.get("end to end")
         o.figures = (f"reference {reference['images_per_sec']:,.0f} img/s; googlenet_bn {bn['images_per_sec']:,.0f} "
@@ -272,10 +291,10 @@ class Report:
             return
         sizes = (["--size", "32", "--batch-size", "8", "--batches", "3", "--repeats", "1"] if self.args.smoke else
                  ["--size", "224", "--batch-size", "64", "--batches", "30", "--repeats", "2"])
-        # FFCV left out: its files and numba's compilation would not fit the cap.
+        # FFCV left out: its files and numba's compilation would not fit the cap; DALI has a step of its own.
         command = self.python("benchmarks/bench_loader.py", "--src", self.data["loader_images"], "--replicate",
                               str(self.data["loader_replicate"]), "--workers", str(self.cores), *sizes, "--no-ffcv",
-                              *["--restart-markers"] * restart_markers)
+                              "--no-dali", *["--restart-markers"] * restart_markers)  # DALI: the dali_loader step
         # Its staged copy is hard-linked from --src: its temporary directory on the same file system.
         tmp = self.out / "tmp"
         tmp.mkdir(exist_ok=True)
@@ -284,6 +303,95 @@ class Report:
             o.details.append(f"```text\n{ran.stdout.strip()}\n```")
             rates = re.findall(r"^(.+?)\s+(\d+) img/s\s+([\d.]+)x reference", ran.stdout, re.MULTILINE)
             o.figures = "; ".join(f"{name.split(' (')[0]} {int(rate):,} img/s ({ratio}x)" for name, rate, ratio in rates)
+
+    def step_dali_loader(self, o: Outcome) -> None:
+        if not self.data:
+            o.status = "skipped: no images (see the data step)"
+            return
+        sizes = (["--size", "32", "--batch-size", "8", "--batches", "3", "--repeats", "1"] if self.args.smoke else
+                 ["--size", "224", "--batch-size", "256", "--batches", "10", "--repeats", "2"])
+        command = self.python("benchmarks/bench_loader.py", "--src", self.data["loader_images"], "--replicate",
+                              str(self.data["loader_replicate"]), "--workers", str(self.cores), *sizes, "--dali-only",
+                              "--dali-variants", "--loaders-only")
+        tmp = self.out / "tmp"
+        tmp.mkdir(exist_ok=True)
+        ran = self.finish(o, self.run(o.step, command, self.caps[o.step], self.env | {"TMPDIR": str(tmp)}))
+        if not ran.ok:
+            return
+        o.details.append(f"```text\n{ran.stdout.strip()}\n```")
+        found = {(float(load), kind == "region"): (int(rate), float(memory) if memory else None)
+                 for load, kind, rate, memory in
+                 re.findall(r"^DALI alone, hw decoder load ([\d.]+), (region|whole-image) decoding: (\d+) img/s"
+                            r"(?:, pipeline memory ([\d.]+) GiB)?$", ran.stdout, re.MULTILINE)}
+        o.figures = "; ".join(f"hw decoder load {load:g}, {'region' if region else 'whole image'}: {rate:,} img/s"
+                              for (load, region), (rate, _) in found.items())
+        t = self.targets
+        for key, load in (("dali_load0", 0.0), ("dali_load1", 1.0)):
+            rate = found[load, True][0]
+            t[key].measured, t[key].met = f"{rate:,} img/s", rate >= LOADER_RATE
+        load = max((0.0, 1.0), key=lambda load: max(found[load, True][0], found[load, False][0]))
+        region, whole = found[load, True][0], found[load, False][0]
+        t["dali_region"].measured = f"{region:,} against {whole:,} img/s (load {load:g})"
+        t["dali_region"].met = region >= whole
+        memory = [m for _, m in found.values() if m is not None]
+        if memory:
+            t["dali_memory"].measured, t["dali_memory"].met = f"{max(memory):.2f} GiB", max(memory) <= DALI_MEMORY_GIB
+            o.figures += f"; pipeline memory up to {max(memory):.2f} GiB"
+        else:
+            t["dali_memory"].measured, t["dali_memory"].met = "none on the CPU (DALI's CPU operators)", True
+
+    def step_dali_end_to_end(self, o: Outcome) -> None:
+        if not self.data:
+            o.status = "skipped: no shards (see the data step)"
+            return
+        out = self.out / "runs" / "dali_end_to_end"
+        shutil.rmtree(out, ignore_errors=True)  # a new measurement, not a resumed run
+        # bench_train.py's end-to-end run (its end_to_end_row), with data.loader=dali
+        smoke = self.args.smoke
+        overrides = [f"data.dir={self.data['e2e_shards']}", f"output_dir={out}", "name=bench",
+                     f"data.image_size={32 if smoke else 224}", f"data.batch_size={8 if smoke else 256}",
+                     f"schedule.epochs={2 if smoke else 3}", "schedule.warmup_epochs=0", "train.image_grid=false",
+                     "train.checkpoint_every_steps=0", "train.keep_checkpoints=1",
+                     f"model.compile={'false' if smoke else 'true'}", f"train.log_every_steps={2 if smoke else 10}",
+                     "data.loader=dali"]
+        if smoke:
+            overrides += ["data.workers=1", "data.shuffle_buffer=8", "data.eval_resize=36",
+                          "train.mixed_precision=bf16"]
+        command = self.python("train.py", "--config", "configs/imagenet_bn.yaml", *overrides)
+        ran = self.finish(o, self.run(o.step, command, self.caps[o.step]))
+        if not ran.ok or not (out / "bench" / "metrics.jsonl").is_file():
+            return
+        records = [json.loads(line) for line in (out / "bench" / "metrics.jsonl").read_text().splitlines() if line]
+        later = records[1:]
+        if not later:
+            o.status += "; fewer than 2 epochs recorded"
+            return
+        rate = sum(r["train_samples"] for r in later) / (later[-1]["wall_time"] - records[0]["wall_time"])
+        wait = sum(r["data_wait_fraction"] for r in later) / len(later)
+        o.figures = f"end to end {rate:,.0f} img/s, data wait {wait:.1%}"
+        memory = max((r["peak_gpu_gib"] for r in records if "peak_gpu_gib" in r), default=None)
+        if memory is not None:
+            o.figures += f", peak {memory:.2f} GiB (torch)"
+        rows = self.bench_rows
+        if rows is None and (self.out / "bench_train.json").is_file():  # measured by an earlier report run
+            rows = json.loads((self.out / "bench_train.json").read_text())["rows"]
+            rows = {r["name"].split(" (")[0]: r for r in rows}
+        t = self.targets
+        if rows and "googlenet_bn" in rows:
+            share = rate / rows["googlenet_bn"]["images_per_sec"]
+            o.figures += f" ({share:.0%} of device)"
+            t["dali_end_to_end"].measured, t["dali_end_to_end"].met = f"{share:.0%}", share >= 0.85
+        if rows and "end to end" in rows:
+            shards = rows["end to end"]["images_per_sec"]
+            t["dali_vs_shards"].measured = f"{rate:,.0f} against {shards:,.0f} img/s ({rate / shards:.2f}x)"
+            t["dali_vs_shards"].met = rate >= shards
+        dip = epoch_start_dip(out / "bench")
+        if dip is not None:
+            t["dali_dip"].measured = f"slowest first window {dip:.2f}x the median window"
+            t["dali_dip"].met = dip >= NO_DIP
+            o.figures += f", epoch starts at {dip:.2f}x"
+        else:
+            t["dali_dip"].measured = "too few log windows to tell"
 
     def step_cuda_tests(self, o: Outcome) -> None:
         ran = self.finish(o, self.run("cuda_tests", self.python("-m", "pytest", "-q", "-m", "cuda", "-p",

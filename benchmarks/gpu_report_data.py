@@ -11,7 +11,10 @@ It writes ``DIR/data/data.json``, which says where each step's data is and where
   ``../shared/data/cifar10-jpg.tar.gz`` when there, else none (the CIFAR-10 steps are skipped);
 - JPEGs for ``bench_loader.py --src``: the 100 ILSVRC samples of
   ``../shared/data/imagenet-samples-100.tar`` when there, else 100 synthetic ILSVRC-like
-  JPEGs of 333-500 px.
+  JPEGs of 333-500 px;
+- the end-to-end runs' shards (``bench_train.py --shards`` and the DALI run): synthetic
+  ILSVRC-like JPEGs of 333-500 px, 10 classes x 1,024 training and 102 validation images,
+  as ``bench_train.py --synthetic-per-class 1024`` would prepare them.
 ``--smoke``: tiny synthetic images (tests never read ``../shared``).
 Everything is written under DIR/data and reused by a later run (``data_prep`` resumes).
 """
@@ -33,6 +36,7 @@ from data_prep.writer import run as prepare  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 LOADER_REPLICATE = 30  # 100 images x 30: enough batches for bench_loader's defaults, as on the Results page
+E2E_PER_CLASS = 1024  # the end-to-end runs' training JPEGs per class (10 classes): 40 updates of 256 an epoch
 
 
 def extract(archive: Path, dest: Path) -> Path:
@@ -102,6 +106,21 @@ def loader_source(args, workers: int) -> tuple[str, Path, int]:
     return f"100 synthetic ILSVRC-like JPEGs of 333-500 px x{LOADER_REPLICATE}", folder, LOADER_REPLICATE
 
 
+def end_to_end_shards(args, workers: int) -> tuple[str, Path]:
+    """(what, prepared shards) for the end-to-end training runs: ``bench_train.py``'s synthetic
+    JPEGs (its ``prepare_shards``: the same spec, at ``--synthetic-per-class 1024``, or its smoke size)."""
+    spec = (SyntheticSpec(num_classes=4, train_per_class=16, val_per_class=4, min_side=40, max_side=72, seed=1)
+            if args.smoke else SyntheticSpec(num_classes=10, train_per_class=E2E_PER_CLASS,
+                                             val_per_class=E2E_PER_CLASS // 10, min_side=333, max_side=500, seed=1))
+    images = args.out / "e2e-images"
+    generate(images, spec, workers=workers)
+    prepare(PrepParams(train=str(images / "train"), val=str(images / "val"), val_labels=str(images / "val_labels.txt"),
+                       class_names=str(images / "LOC_synset_mapping.txt"), shard_size=16 if args.smoke else 1000),
+            args.out / "e2e-shards", workers=workers)
+    count = spec.num_classes * spec.train_per_class
+    return f"{count:,} synthetic {spec.min_side}-{spec.max_side} px JPEGs", args.out / "e2e-shards"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the data and data.json")
@@ -113,13 +132,15 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # data_prep's messages; the summary alone to stdout
         cifar_from, folders, shards = cifar_source(args, workers)
         loader_from, loader_images, replicate = loader_source(args, workers)
+        e2e_from, e2e_shards = end_to_end_shards(args, workers)
     counts = ""
     if shards is not None:
         splits = json.loads((shards / "manifest.json").read_text())["splits"]
         counts = f", {splits['train']['samples']:,} training / {splits['val']['samples']:,} test images"
     data = {"cifar_from": cifar_from, "cifar_folders": folders and str(folders), "cifar_shards": shards and str(shards),
             "loader_from": loader_from, "loader_images": str(loader_images), "loader_replicate": replicate,
-            "summary": f"CIFAR-10 from {cifar_from}{counts}; loader: {loader_from}"}
+            "e2e_shards": str(e2e_shards),
+            "summary": f"CIFAR-10 from {cifar_from}{counts}; loader: {loader_from}; end to end: {e2e_from}"}
     (args.out / "data.json").write_text(json.dumps(data, indent=1))
     print(data["summary"])
     return data

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from shards.manifest import MANIFEST
+from shards.manifest import MANIFEST, PrepError
 
 from .plan import PrepParams
-from .synthetic import SyntheticSpec, generate
+from .synthetic import VERSION, SyntheticSpec, generate, written_version
 
 DEFAULT_ROOT = Path("demo_data")
 DEMO_SHARD_SIZE = 100  # small shards so ranks and loader workers each get several
@@ -36,6 +36,7 @@ def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
     root = Path(root)
     shards = root / "shards"
     if (shards / MANIFEST).is_file():
+        refuse_earlier_version(root)
         return shards
     workers = workers or len(os.sched_getaffinity(0))
     spec = SyntheticSpec()
@@ -50,6 +51,14 @@ def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
     return shards
 
 
+def refuse_earlier_version(root: Path) -> None:
+    """Demo data from an earlier generator has other images: stop rather than train on it."""
+    version = written_version(root / "images")
+    if version is not None and version != VERSION:
+        raise PrepError(f"{root} holds the demo data of an earlier version of the generator (version {version}, "
+                        f"now {VERSION}); remove {root} and run again to generate the current one")
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -60,6 +69,7 @@ def ensure_demo_ffcv(root: Path = DEFAULT_ROOT, workers: int | None = None) -> P
 
     target = Path(root) / "ffcv"
     if (target / MANIFEST).is_file():
+        refuse_earlier_version(Path(root))
         return target
     shards = ensure_demo(root, workers)
     run(target, FFCVParams(), workers or len(os.sched_getaffinity(0)), from_shards=shards)

@@ -6,9 +6,12 @@ Layout written under OUT (same as the real ImageNet code path expects)::
     val_labels.txt ("file wnid")      LOC_synset_mapping.txt ("wnid name")
     synthetic.json                    (written last: marks a complete output)
 
-Classes differ only by shape / texture.  Colours, background, position, scale,
-rotation, blur and noise are random per image, drawn from an RNG keyed on
-(seed, split, class, index), so output is byte-identical for any worker count.
+A class is a kind of object with its own shape, surface texture and colour (``CLASS_DESIGNS``),
+as a real class has a typical look: every cue survives a small crop but the shape, and none is
+needed alone (a share of objects come in any colour, backgrounds and clutter take any colour).
+Hue, shade, background, clutter, position, scale, rotation, blur and noise are random per image,
+drawn from an RNG keyed on (seed, split, class, index), so output is byte-identical for any
+worker count.
 """
 from __future__ import annotations
 
@@ -23,17 +26,45 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-VERSION = 3  # bump whenever the images change: old outputs are then refused, not reused
-# Order matters: the first num_classes designs are used (most distinct first).
-DESIGNS = ("circle", "square", "triangle", "star", "cross", "ring", "stripes",
-           "checkerboard", "polka dots", "diagonal lines", "hexagon",
-           "concentric squares", "crescent", "arrow")
-TEXTURES = {"stripes", "checkerboard", "polka dots", "diagonal lines"}
+VERSION = 4  # bump whenever the images change: old outputs are then refused, not reused
+
+
+@dataclass(frozen=True)
+class Design:
+    """A class as a kind of object: its shape, its surface's texture and its colour (a hue,
+    varied per image), as the members of a real class share a typical look."""
+
+    name: str  # the class name written to LOC_synset_mapping.txt
+    shape: str
+    texture: str  # plain, striped, dotted, checked, ringed (concentric), speckled
+    hue: float  # degrees on the colour wheel
+
+
+# Order matters: the first num_classes are used. The first ten differ in shape and in hue (at
+# least 26 degrees apart); textures repeat, and the last four share hues with earlier ones.
+CLASS_DESIGNS = (
+    Design("red disc", "circle", "plain", 0),
+    Design("orange striped square", "square", "striped", 32),
+    Design("yellow dotted triangle", "triangle", "dotted", 58),
+    Design("lime star", "star", "plain", 92),
+    Design("green checked hexagon", "hexagon", "checked", 130),
+    Design("cyan striped ring", "ring", "striped", 180),
+    Design("azure ringed diamond", "diamond", "ringed", 207),
+    Design("blue cross", "cross", "plain", 237),
+    Design("violet dotted crescent", "crescent", "dotted", 275),
+    Design("magenta striped arrow", "arrow", "striped", 315),
+    Design("amber checked pentagon", "pentagon", "checked", 45),
+    Design("jade ringed heart", "heart", "ringed", 155),
+    Design("indigo speckled half-disc", "half-disc", "speckled", 255),
+    Design("rose dotted trapezoid", "trapezoid", "dotted", 345),
+)
+DESIGNS = tuple(d.name for d in CLASS_DESIGNS)
 _TRAIN, _VAL, _PERM = 0, 1, 2
 _SS = 2  # supersampling factor for antialiased masks
-_OBJECT_SCALE = (0.55, 0.9)  # object size / shorter side: large enough for a GoogLeNet to learn in minutes
-_MIN_CONTRAST = 45  # luminance difference object vs. mean background
-
+_OBJECT_SCALE = (0.6, 1.0)  # object size / shorter side: the object fills much of the frame, as in ILSVRC
+_HUE_JITTER = 5.0  # degrees (standard deviation) around the class's hue
+_ODD_COLOUR = 0.1  # share of objects in any colour: shape and texture must tell those apart
+_MIN_CONTRAST = 90  # RGB distance between the object's colour and the background's mean
 
 @dataclass(frozen=True)
 class SyntheticSpec:
@@ -77,12 +108,23 @@ def _lum(c) -> float:
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
 
 
-def _contrasting_colour(rng, bg) -> tuple[int, int, int]:
-    for _ in range(64):
-        c = rng.integers(0, 256, 3)
-        if abs(_lum(c) - _lum(bg)) >= _MIN_CONTRAST and np.linalg.norm(c - bg) >= 90:
-            return tuple(int(v) for v in c)
-    return (0, 0, 0) if _lum(bg) > 127 else (255, 255, 255)
+def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+    """One colour, hue in degrees, saturation and value in [0, 1] -> RGB in [0, 255]."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue / 60.0) % 6.0
+    return 255.0 * value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+def _object_colours(design: Design, rng) -> tuple[np.ndarray, np.ndarray | None]:
+    """The object's colour (the class's hue, or any for an odd one) and its texture's: the same
+    hue, darker or paler (None for a plain surface)."""
+    hue = rng.uniform(0, 360) if rng.random() < _ODD_COLOUR else design.hue + np.clip(rng.normal(0, _HUE_JITTER), -15, 15)
+    saturation, value = rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)
+    colour = _hsv_to_rgb(hue, saturation, value)
+    if design.texture == "plain":
+        return colour, None
+    if rng.random() < 0.5:
+        return colour, _hsv_to_rgb(hue, saturation, value * rng.uniform(0.3, 0.55))
+    return colour, _hsv_to_rgb(hue, saturation * rng.uniform(0.15, 0.45), max(value, 0.9))
 
 
 def _polygon(c, r, n, phase=0.0, inner=None):
@@ -94,78 +136,118 @@ def _polygon(c, r, n, phase=0.0, inner=None):
     return pts
 
 
-def _texture(name, D, r, rng) -> np.ndarray:
-    """Boolean texture patch (unrotated frame) on a D x D supersampled canvas."""
+def _shape_mask(shape: str, D: int, r: float, rng) -> Image.Image:
+    """'L' mask of one unrotated shape of radius ~r, centred on a D x D canvas."""
+    c = D / 2
+    m = Image.new("L", (D, D), 0)
+    d = ImageDraw.Draw(m)
+    box = lambda rr, dx=0.0, dy=0.0: (c + dx - rr, c + dy - rr, c + dx + rr, c + dy + rr)  # noqa: E731
+    if shape == "circle":
+        d.ellipse(box(r), fill=255)
+    elif shape == "square":
+        h = r * 0.85
+        d.rectangle((c - h, c - h * rng.uniform(0.85, 1.0), c + h, c + h), fill=255)
+    elif shape == "triangle":
+        d.polygon(_polygon(c, r * 1.05, 3), fill=255)
+    elif shape == "star":
+        d.polygon(_polygon(c, r * 1.1, 5, inner=r * 1.1 * rng.uniform(0.38, 0.5)), fill=255)
+    elif shape == "hexagon":
+        d.polygon(_polygon(c, r, 6), fill=255)
+    elif shape == "pentagon":
+        d.polygon(_polygon(c, r, 5), fill=255)
+    elif shape == "diamond":
+        w = r * rng.uniform(0.6, 0.8)
+        d.polygon([(c, c - r), (c + w, c), (c, c + r), (c - w, c)], fill=255)
+    elif shape == "ring":
+        d.ellipse(box(r), fill=255)
+        d.ellipse(box(r * rng.uniform(0.45, 0.6)), fill=0)
+    elif shape == "cross":
+        t, a = r * rng.uniform(0.25, 0.35), r * 0.95
+        d.rectangle((c - a, c - t, c + a, c + t), fill=255)
+        d.rectangle((c - t, c - a, c + t, c + a), fill=255)
+    elif shape == "crescent":
+        d.ellipse(box(r), fill=255)
+        d.ellipse(box(r * rng.uniform(0.8, 0.9), r * rng.uniform(0.4, 0.55)), fill=0)
+    elif shape == "arrow":
+        t, hx = r * rng.uniform(0.2, 0.28), c + r * 0.1
+        d.rectangle((c - r, c - t, hx, c + t), fill=255)
+        d.polygon([(hx - r * 0.1, c - r * 0.7), (c + r, c), (hx - r * 0.1, c + r * 0.7)], fill=255)
+    elif shape == "heart":
+        d.ellipse(box(r * 0.5, -r * 0.48, -r * 0.3), fill=255)
+        d.ellipse(box(r * 0.5, r * 0.48, -r * 0.3), fill=255)
+        d.polygon([(c - r * 0.96, c - r * 0.15), (c + r * 0.96, c - r * 0.15), (c, c + r)], fill=255)
+    elif shape == "half-disc":
+        d.pieslice(box(r, 0, r * 0.4), 180, 360, fill=255)
+    elif shape == "trapezoid":
+        top = r * rng.uniform(0.35, 0.55)
+        d.polygon([(c - top, c - r * 0.7), (c + top, c - r * 0.7), (c + r, c + r * 0.7), (c - r, c + r * 0.7)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return m
+
+
+def _texture_mask(texture: str, D: int, r: float, rng) -> np.ndarray:
+    """Where the texture's second colour lies (unrotated frame), a few repeats across the object."""
     v, u = np.mgrid[0:D, 0:D].astype(np.float32) - D / 2 + 0.5
-    if rng.random() < 0.5:
-        h = r * rng.uniform(0.75, 0.9)
-        patch = (np.abs(u) <= h) & (np.abs(v) <= h * rng.uniform(0.8, 1.0))
-    else:
-        patch = u * u + (v * rng.uniform(1.0, 1.2)) ** 2 <= r * r
-    if name in ("stripes", "diagonal lines"):
-        p = 2 * r / rng.uniform(2.5, 4.5)
-        tex = (v / p + rng.random()) % 1.0 < rng.uniform(0.4, 0.6)
-    elif name == "checkerboard":
-        cell = 2 * r / rng.uniform(3.0, 5.0)
-        tex = (np.floor(u / cell + rng.random()) + np.floor(v / cell + rng.random())) % 2 == 0
-    else:  # polka dots
-        sp = 2 * r / rng.uniform(2.5, 4.0)
-        row = np.floor(v / sp)
-        du = (u / sp + 0.5 * (row % 2) + rng.random()) % 1.0 - 0.5
-        dv = (v / sp) % 1.0 - 0.5
-        tex = du * du + dv * dv <= rng.uniform(0.22, 0.35) ** 2
-    return patch & tex
+    if texture == "striped":
+        period = 2 * r / rng.uniform(3.0, 4.5)
+        return (v / period + rng.random()) % 1.0 < rng.uniform(0.4, 0.6)
+    if texture == "checked":
+        cell = 2 * r / rng.uniform(3.0, 4.5)
+        return (np.floor(u / cell + rng.random()) + np.floor(v / cell + rng.random())) % 2 == 0
+    if texture == "dotted":
+        spacing = 2 * r / rng.uniform(2.8, 4.0)
+        row = np.floor(v / spacing)
+        du = (u / spacing + 0.5 * (row % 2) + rng.random()) % 1.0 - 0.5
+        dv = (v / spacing) % 1.0 - 0.5
+        return du * du + dv * dv <= rng.uniform(0.25, 0.35) ** 2
+    if texture == "ringed":
+        spacing = r / rng.uniform(2.0, 3.0)
+        return (np.hypot(u, v) / spacing + rng.random()) % 1.0 < 0.5
+    if texture == "speckled":
+        cells = rng.random((8, 8)) < 0.4
+        grain = int(math.ceil(D / 8))
+        return np.kron(cells, np.ones((grain, grain), bool))[:D, :D]
+    raise ValueError(f"unknown texture {texture!r}")
 
 
-def _object_mask(name, S, rng) -> Image.Image:
-    """Antialiased, rotated 'L' mask of one object of size ~S px on a square canvas."""
+def _render_object(design: Design, S: float, rng) -> tuple[Image.Image, np.ndarray]:
+    """The object, size ~S px, as an RGBA image (alpha: its antialiased shape) rotated at random,
+    and its main colour."""
     D = int(math.ceil(S * 1.5)) * _SS
-    r, c = S * _SS / 2, D / 2
-    if name in TEXTURES:
-        m = Image.fromarray(_texture(name, D, r, rng).astype(np.uint8) * 255)
-    else:
-        m = Image.new("L", (D, D), 0)
-        d = ImageDraw.Draw(m)
-        box = lambda rr, dx=0.0: (c + dx - rr, c - rr, c + dx + rr, c + rr)  # noqa: E731
-        if name == "circle":
-            d.ellipse(box(r), fill=255)
-        elif name == "square":
-            h = r * 0.85
-            d.rectangle((c - h, c - h * rng.uniform(0.85, 1.0), c + h, c + h), fill=255)
-        elif name == "triangle":
-            d.polygon(_polygon(c, r * 1.05, 3), fill=255)
-        elif name == "star":
-            d.polygon(_polygon(c, r * 1.1, 5, inner=r * 1.1 * rng.uniform(0.38, 0.5)), fill=255)
-        elif name == "cross":
-            t, a = r * rng.uniform(0.22, 0.32), r * 0.95
-            d.rectangle((c - a, c - t, c + a, c + t), fill=255)
-            d.rectangle((c - t, c - a, c + t, c + a), fill=255)
-        elif name == "ring":
-            d.ellipse(box(r), fill=255)
-            d.ellipse(box(r * rng.uniform(0.45, 0.65)), fill=0)
-        elif name == "hexagon":
-            d.polygon(_polygon(c, r, 6), fill=255)
-        elif name == "concentric squares":
-            k = int(rng.integers(3, 5))
-            for i in range(2 * k):
-                h = r * 0.85 * (1 - i / (2 * k))
-                d.rectangle((c - h, c - h, c + h, c + h), fill=255 if i % 2 == 0 else 0)
-        elif name == "crescent":
-            d.ellipse(box(r), fill=255)
-            d.ellipse(box(r * rng.uniform(0.8, 0.95), r * rng.uniform(0.35, 0.6)), fill=0)
-        elif name == "arrow":
-            t, hx = r * rng.uniform(0.15, 0.22), c + r * 0.1
-            d.rectangle((c - r, c - t, hx, c + t), fill=255)
-            d.polygon([(hx - r * 0.1, c - r * 0.65), (c + r, c), (hx - r * 0.1, c + r * 0.65)], fill=255)
+    r = S * _SS / 2
+    colour, second = _object_colours(design, rng)
+    mask = _shape_mask(design.shape, D, r, rng)
+    pixels = np.broadcast_to(colour, (D, D, 3)).copy()
+    if second is not None:
+        pixels[_texture_mask(design.texture, D, r, rng)] = second
+    rgba = np.dstack([np.clip(pixels + 0.5, 0, 255).astype(np.uint8), np.asarray(mask)])
+    obj = Image.fromarray(rgba, "RGBA").rotate(float(rng.uniform(0, 360)), resample=Image.BILINEAR)
+    return obj.reduce(_SS), colour
+
+
+def _clutter(img: Image.Image, rng, count: int, scale: tuple[float, float]) -> None:
+    """Unrelated things in any colour (blobs, boxes, bars, lines) drawn onto ``img``."""
+    w, h = img.size
+    d = ImageDraw.Draw(img)
+    for _ in range(count):
+        size = rng.uniform(*scale) * min(w, h)
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        kind = rng.integers(0, 4)
+        if kind == 0:
+            d.ellipse((cx - size / 2, cy - size * rng.uniform(0.2, 0.5), cx + size / 2, cy + size * rng.uniform(0.2, 0.5)),
+                      fill=fill)
+        elif kind == 1:
+            d.rectangle((cx - size / 2, cy - size / 3, cx + size / 2, cy + size / 3), fill=fill)
+        elif kind == 2:
+            angles = np.sort(rng.uniform(0, 2 * math.pi, int(rng.integers(3, 7))))
+            radii = size / 2 * rng.uniform(0.5, 1.0, len(angles))
+            d.polygon([(cx + q * math.cos(a), cy + q * math.sin(a)) for a, q in zip(angles, radii)], fill=fill)
         else:
-            raise ValueError(f"unknown design {name!r}")
-    if name == "stripes":
-        angle = rng.uniform(-15, 15)
-    elif name == "diagonal lines":
-        angle = rng.choice([-45.0, 45.0]) + rng.uniform(-12, 12)
-    else:
-        angle = rng.uniform(0, 360)
-    return m.rotate(float(angle), resample=Image.BILINEAR).reduce(_SS)
+            a = rng.uniform(0, math.pi)
+            dx, dy = size * math.cos(a), size * math.sin(a)
+            d.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=fill, width=int(rng.integers(1, 4)))
 
 
 def _size(rng, spec) -> tuple[int, int]:
@@ -176,13 +258,17 @@ def _size(rng, spec) -> tuple[int, int]:
     return int(np.clip(round(w), lo, hi)), int(np.clip(round(h), lo, hi))
 
 
-def render(spec: SyntheticSpec, split: int, class_index: int, index: int) -> Image.Image:
-    """One RGB image of design DESIGNS[class_index]; split is 0 (train) or 1 (val)."""
-    rng = np.random.default_rng([spec.seed, split, class_index, index])
-    w, h = _size(rng, spec)
-    # background: random colour, linear gradient, low-frequency blotches
-    base = rng.uniform(0, 255, 3)
-    other = np.clip(base + rng.normal(0, 45, 3), 0, 255)
+def _background(w: int, h: int, avoid: np.ndarray, rng) -> Image.Image:
+    """A random colour, a linear gradient and low-frequency blotches, its mean far enough from
+    ``avoid`` (the object's colour) that the object stands out."""
+    for _ in range(32):
+        base = rng.uniform(0, 255, 3)
+        other = np.clip(base + rng.normal(0, 45, 3), 0, 255)
+        mean = (base + other) / 2
+        if np.linalg.norm(mean - avoid) >= _MIN_CONTRAST and abs(_lum(mean) - _lum(avoid)) >= 30:
+            break
+    else:  # the object's opposite in lightness
+        base = other = np.full(3, 20.0 if _lum(avoid) > 127 else 235.0)
     th = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     t = xx * math.cos(th) + yy * math.sin(th)
@@ -192,24 +278,24 @@ def render(spec: SyntheticSpec, split: int, class_index: int, index: int) -> Ima
         small = rng.normal(0, rng.uniform(5, 20), (3, 4, 3)).astype(np.float32)
         bg += np.stack([np.asarray(Image.fromarray(small[..., i], "F").resize((w, h), Image.BICUBIC))
                         for i in range(3)], axis=-1)
-    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
-    if rng.random() < 0.25:  # faint distractor lines
-        over = img.copy()
-        d = ImageDraw.Draw(over)
-        for _ in range(int(rng.integers(1, 4))):
-            d.line([tuple(rng.uniform(0, (w, h))), tuple(rng.uniform(0, (w, h)))],
-                   fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
-        img = Image.blend(img, over, float(rng.uniform(0.15, 0.3)))
-    # the object
-    colour = _contrasting_colour(rng, (base + other) / 2)
+    return Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
+
+
+def render(spec: SyntheticSpec, split: int, class_index: int, index: int) -> Image.Image:
+    """One RGB image of class ``CLASS_DESIGNS[class_index]``; split is 0 (train) or 1 (val)."""
+    rng = np.random.default_rng([spec.seed, split, class_index, index])
+    w, h = _size(rng, spec)
     S = rng.uniform(*_OBJECT_SCALE) * min(w, h)
-    mask = _object_mask(DESIGNS[class_index], S, rng)
+    obj, colour = _render_object(CLASS_DESIGNS[class_index], S, rng)
+    img = _background(w, h, colour, rng)
+    _clutter(img, rng, int(rng.integers(1, 5)), (0.1, 0.35))  # behind the object
     if rng.random() < 0.05:  # may be cut by the border
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     else:
         cx, cy = rng.uniform(S / 2, w - S / 2), rng.uniform(S / 2, h - S / 2)
-    x0, y0 = int(round(cx - mask.width / 2)), int(round(cy - mask.height / 2))
-    img.paste(colour, (x0, y0, x0 + mask.width, y0 + mask.height), mask)
+    img.paste(obj, (int(round(cx - obj.width / 2)), int(round(cy - obj.height / 2))), obj)
+    if rng.random() < 0.25:  # something small in front of it
+        _clutter(img, rng, 1, (0.08, 0.2))
     # mild blur and sensor noise
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
@@ -236,6 +322,15 @@ def _meta(spec: SyntheticSpec) -> dict:
 def _summary(out: Path, meta: dict, generated: bool) -> dict:
     return {"out": str(out), "spec": meta["spec"], "counts": dict(meta["counts"]),
             "classes": [tuple(c) for c in meta["classes"]], "generated": generated}
+
+
+def written_version(out: Path) -> int | None:
+    """The generator version that wrote the complete output in ``out`` (None: none there)."""
+    try:
+        meta = json.loads((Path(out) / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("version") if isinstance(meta, dict) else None
 
 
 def generate(out: Path, spec: SyntheticSpec = SyntheticSpec(), workers: int = 1) -> dict:

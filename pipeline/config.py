@@ -80,8 +80,13 @@ class DataConfig:
     eval_batch_size: int | None = None  # null: 2 x batch_size
     workers: int | None = 4  # loader processes per training process; null: this host's cores per local process
     # webdataset: shards decoded by loader workers every epoch; memory: decoded once into (device)
-    # memory, cropped there (datasets that fit: CIFAR, STL-10; see pipeline/data/memory_input.py)
+    # memory, cropped there (datasets that fit: CIFAR, STL-10; see pipeline/data/memory_input.py);
+    # dali: shards decoded and augmented by NVIDIA DALI, on the GPU (nvJPEG) or, without CUDA, on
+    # DALI's CPU operators (the dali extra; see pipeline/data/dali_input.py)
     loader: str = "webdataset"
+    # dali on a GPU: the share of JPEGs sent to the GPU's hardware JPEG decoder (A100, H100), the
+    # rest to nvJPEG's CUDA decoder; benchmarks/gpu_report.py measures 0 against 1
+    dali_hw_decoder_load: float = 0.0
     shuffle_buffer: int = 2000  # samples, on top of the global shuffle of the shards and shard order
     interleave_shards: int = 4  # shards each loader worker reads at once, so that neighbours differ per epoch
     on_bad_sample: str = "stop"  # a sample that cannot be read: stop naming it, or skip it and record it
@@ -161,6 +166,9 @@ class TrainConfig:
     # Every N steps the processes agree on whether a stop signal arrived (without waiting for
     # the device); a signal is acted on within 2N steps, or at the end of the epoch.
     preemption_poll_steps: int = 10
+    # Profile this many steps with torch.profiler after a short warm-up: a trace (Perfetto,
+    # chrome://tracing) in the run directory and a table of where a step's time goes. 0: off.
+    profile_steps: int = 0
 
 
 @dataclass
@@ -357,9 +365,11 @@ def validate(c: Config) -> None:
     _check(c.data.eval_batch_size is None or c.data.eval_batch_size >= 1,
            "data.eval_batch_size", c.data.eval_batch_size, ">= 1")
     _check(c.data.workers is None or c.data.workers >= 0, "data.workers", c.data.workers, ">= 0 or null")
-    _check(c.data.loader in ("webdataset", "memory"), "data.loader", c.data.loader, "webdataset or memory")
+    _check(c.data.loader in ("webdataset", "memory", "dali"), "data.loader", c.data.loader,
+           "webdataset, memory or dali")
     _check(c.data.loader == "webdataset" or c.data.format == "webdataset", "data.loader", c.data.loader,
-           "webdataset with data.format ffcv (the memory loader reads shards)")
+           "webdataset with data.format ffcv (the memory and DALI loaders read shards)")
+    _check(0 <= c.data.dali_hw_decoder_load <= 1, "data.dali_hw_decoder_load", c.data.dali_hw_decoder_load, "[0, 1]")
     _check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer", c.data.shuffle_buffer, ">= 0")
     _check(c.data.remote_retry_s >= 0, "data.remote_retry_s", c.data.remote_retry_s, ">= 0")
     _check(c.data.cache_max_gb > 0, "data.cache_max_gb", c.data.cache_max_gb, "> 0")
@@ -411,6 +421,7 @@ def validate(c: Config) -> None:
     _check(bool(t.log_with) and len(set(t.log_with)) == len(t.log_with) and set(t.log_with) <= set(TRACKERS),
            "train.log_with", t.log_with, f"a list of distinct names among {', '.join(TRACKERS)}")
     _check(t.preemption_poll_steps >= 1, "train.preemption_poll_steps", t.preemption_poll_steps, ">= 1")
+    _check(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, ">= 0 (0: no profile)")
     _check(c.model.compile_mode in COMPILE_MODES, "model.compile_mode", c.model.compile_mode, ", ".join(COMPILE_MODES))
     _check(c.model.compile_backend in COMPILE_BACKENDS, "model.compile_backend", c.model.compile_backend,
            ", ".join(COMPILE_BACKENDS))

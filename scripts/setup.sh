@@ -5,14 +5,18 @@
 #   bash scripts/setup.sh --ffcv     # the pipeline plus the optional FFCV storage format
 #   bash scripts/setup.sh --remote   # the pipeline plus reading/writing shards in S3, GCS or over HTTPS
 #   bash scripts/setup.sh --trackers # the pipeline plus MLflow, Weights & Biases and Aim (train.log_with)
-#   bash scripts/setup.sh --test     # the pipeline, FFCV, object stores, the trackers, and what the tests need
+#   bash scripts/setup.sh --dali     # the pipeline plus the DALI loader (data.loader=dali: decoding on the GPU)
+#   bash scripts/setup.sh --k8s      # the pipeline plus Kubernetes submission (Kubeflow Trainer)
+#   bash scripts/setup.sh --test     # the pipeline, every extra, and what the tests need (SLURM, Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras+=(test ffcv remote trackers) ;;
+    --test) extras+=(test ffcv remote trackers dali k8s) ;;
+    --dali) extras+=(dali) ;;
+    --k8s) extras+=(k8s) ;;
     --ffcv) extras+=(ffcv) ;;
     --remote) extras+=(remote) ;;
     --trackers) extras+=(trackers) ;;
@@ -58,6 +62,8 @@ if want test; then
   # The SLURM tests start a real two-node cluster on this host: Debian's slurm-wlm and munge.
   if command -v apt-get >/dev/null 2>&1; then
     apt_install slurm-wlm munge || echo "setup: could not install slurm-wlm and munge; the SLURM tests will be skipped" >&2
+    # TensorBoard is checked in a real browser: Debian's Chromium, driven by Playwright.
+    apt_install chromium || echo "setup: could not install chromium; the browser tests will be skipped" >&2
   fi
 fi
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.commands import TOOLS, split_train_args
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
 PLACEHOLDER = re.compile(r"\[|\.\.\.|\||<|>|\bNAME\b|\bN\b|\bFILE\b")  # option syntax, not a literal command
@@ -89,6 +91,13 @@ def entry_point(command: str) -> tuple[str, list[str]] | None:
         return None
     program = words[0].removeprefix(".venv/bin/")
     rest = words[1:]
+    if program == "googlenet" and rest and not rest[0].startswith("-"):  # googlenet COMMAND: the tool it runs
+        if rest[0] == "train":
+            try:
+                return "train.py", split_train_args(rest[1:])[1]
+            except ValueError:
+                return "googlenet train", rest[1:]  # an option neither accelerate launch nor train.py takes
+        return (TOOLS[rest[0]].module if rest[0] in TOOLS else f"googlenet {rest[0]}"), rest[1:]
     if program == "accelerate" and rest[:1] == ["launch"]:
         rest = rest[1:]
         while rest and rest[0] != "-m" and not rest[0].endswith(".py"):
@@ -134,6 +143,11 @@ def test_the_manual_shows_the_main_entry_points():
                      "pipeline.inference.export", "pipeline.train.report", "pipeline.ops.slurm",
                      "imaging.jpeg_region"):
         assert expected in entries, f"no command in the docs runs {expected}"
+
+
+def test_every_googlenet_command_in_the_docs_exists():
+    unknown = [f"{where}: {command}" for where, command, entry, _ in COMMANDS if entry.startswith("googlenet ")]
+    assert not unknown, f"googlenet commands in the docs that are not one of {', '.join(TOOLS)}:\n" + "\n".join(unknown)
 
 
 @pytest.mark.slow

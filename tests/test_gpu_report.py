@@ -30,7 +30,8 @@ def read_report(result: subprocess.CompletedProcess, out: Path):
     rows = [[cell.strip() for cell in line.strip("|").split(" | ")]
             for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
     steps = {row[0]: row[1:] for row in rows if row[0] in STEPS}
-    targets = {row[0]: row[1:] for row in rows if row[0].startswith(("`", "the paper", "end to end", "no dip", "CIFAR"))}
+    targets = {row[0]: row[1:] for row in rows
+               if row[0].startswith(("`", "the paper", "end to end", "no dip", "CIFAR", "DALI"))}
     return result.stdout, steps, targets
 
 
@@ -43,13 +44,16 @@ def test_smoke_run_reports_every_step_target_and_plot(gpu_report_smoke):
         assert steps[step][0] == "ok", f"{step}: {steps[step]}\n{(out / 'report.md').read_text()}"
     for figure, step in (("CIFAR-10 from synthetic", "data"), ("googlenet_bn", "bench_train"),
                          ("end to end", "bench_train"), ("top-1", "cifar10"), ("img/s", "seed_recipe"),
-                         ("WebDataset shards", "loader"), ("skipped" if "CPU" in stdout else "passed", "cuda_tests")):
+                         ("WebDataset shards", "loader"), ("hw decoder load 1, whole image", "dali_loader"),
+                         ("of device", "dali_end_to_end"), ("epoch starts", "dali_end_to_end"),
+                         ("skipped" if "CPU" in stdout else "passed", "cuda_tests")):
         if step in expected_ok:
             assert figure in steps[step][1], f"{step}: {steps[step]}"
     assert (out / "cifar10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![time to accuracy](cifar10.png)" in (out / "report.md").read_text()
-    # Every target measured in the smoke run (the figures of a CPU, so mostly not met).
-    assert len(targets) == 6
+    # Every target measured in the smoke run (the figures of a CPU, so mostly not met), the DALI
+    # loader's and its end-to-end run's too (on DALI's CPU operators).
+    assert len(targets) == 13 and sum(name.startswith("DALI") for name in targets) == 7
     assert all(verdict in ("met", "not met") for _, verdict in targets.values()), targets
     assert "| step | status | key figures | seconds |" in stdout and "| target (one H100) |" in stdout
 
@@ -61,5 +65,6 @@ def test_a_step_past_its_cap_is_killed_and_a_failing_one_recorded(tmp_path):
     assert steps["data"][0] == "failed (exit 1)"  # the missing --cifar
     assert "missing: neither prepared shards" in (tmp_path / "report.md").read_text()
     assert steps["seed_recipe"][0].startswith("skipped")
-    assert all(steps[s][0] == "not run" for s in ("bench_train", "cifar10", "loader", "loader_restart"))
+    assert all(steps[s][0] == "not run" for s in ("bench_train", "cifar10", "loader", "loader_restart", "dali_loader",
+                                                  "dali_end_to_end"))
     assert all(verdict == "-" for _, verdict in targets.values())

@@ -24,9 +24,10 @@ PIPELINE_PARTS = {
     "pipeline.config": set(),
     "pipeline.models": set(),
     "pipeline.data": {"pipeline.config"},
-    "pipeline.ops": {"pipeline.config"},
+    "pipeline.ops": {"pipeline.config", "pipeline.models"},  # models: the k8s grace period from the model's size
     "pipeline.train": {"pipeline.config", "pipeline.models", "pipeline.data", "pipeline.ops"},
     "pipeline.inference": {"pipeline.config", "pipeline.models", "pipeline.data", "pipeline.ops", "pipeline.train"},
+    "pipeline.commands": set(),  # runs each tool by its module's name (googlenet COMMAND), imports none
 }
 
 

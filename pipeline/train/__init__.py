@@ -2,5 +2,5 @@
 weights' average (``ema``), exact validation, the recipe at a scale, schedules, checkpoints and
 reading a run back (``checkpoint``, ``saved_runs``), starting from trained weights
 (``fine_tune``), logging (``tracking``: TensorBoard and metrics.jsonl; ``trackers``: where the
-scalars go, TensorBoard, MLflow, W&B, Aim) and the time-to-accuracy report. The command line of
+scalars go, TensorBoard, MLflow, W&B, Aim) the time-to-accuracy report and profiling a few steps (``profiling``). The command line of
 ``train.py`` is ``cli``."""

@@ -72,3 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(message, EXIT_PEER)
     if result.get("preempted_at_step") is not None and not result["requeued"]:
         sys.exit(EXIT_STOPPED)
+
+
+if __name__ == "__main__":  # accelerate launch -m pipeline.train.cli (googlenet train)
+    main()

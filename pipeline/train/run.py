@@ -62,7 +62,7 @@ class Run:
     ema: AveragedModel | None
     ema_decay: float | None
     warmup_epochs: float  # schedule.warmup_epochs, or the one the batch needs where it is null
-    input: object  # WebDatasetInput or FFCVInput: train_batches(epoch, start_batch), val_batches()
+    input: object  # WebDataset-, FFCV-, Memory- or DaliInput: train_batches(epoch, start_batch), val_batches()
     device_input: DeviceInput  # loader batches -> network inputs (distorted there unless off or done in workers)
     checkpoints: CheckpointManager
     preemption: PreemptionWatch
@@ -193,8 +193,8 @@ def build_run(config: Config, data: PreparedData) -> Run:
     )
     distort = not baked and (any((a.brightness, a.contrast, a.saturation)) or a.lighting_std > 0)
     # Batched on the GPU; without one, per image in the WebDataset loader workers, which run
-    # in parallel (the same code, hence the same distribution, either way). FFCV's pipeline
-    # has no place for it, so there it is always batched in the training process.
+    # in parallel (the same code, hence the same distribution, either way). FFCV's and DALI's
+    # pipelines have no place for it, so there it is always batched in the training process.
     in_workers = (distort and accelerator.device.type == "cpu" and data.format == "webdataset"
                   and c.data.loader == "webdataset")
     run_input = make_input(c, data, accelerator, layout, photometric if in_workers else None)
@@ -248,6 +248,12 @@ def make_input(c: Config, data: PreparedData, accelerator: Accelerator, layout: 
         shuffle_buffer=c.data.shuffle_buffer, eval_resize=eval_resize, photometric=photometric_in_workers,
         interleave_shards=c.data.interleave_shards, num_classes=data.num_classes,
     )
+    if c.data.loader == "dali":  # the same samples and crops, decoded by DALI (photometric: DeviceInput's)
+        from pipeline.data.dali_input import DaliInput
+
+        return DaliInput(train, data.val, eval_batch_size=eval_batch_size, eval_resize=eval_resize,
+                         workers=c.data.workers, device=accelerator.device,
+                         hw_decoder_load=c.data.dali_hw_decoder_load)
     train.open_ahead_until = c.schedule.epochs - 1  # the loader's workers persist over the epochs
     val = EvalStream(data.val, batch_size=eval_batch_size, rank=rank, world_size=world,
                      image_size=c.data.image_size, resize=eval_resize, num_classes=data.num_classes)
@@ -271,4 +277,5 @@ def describe(run: Run) -> str:
             f"{layout.total_updates} updates in all, {lr}{ema}"
             # the shard loader's decoding: a Pillow fallback is 2-3x slower, say so
             + (f"\n{native_status()}" if data.format == "webdataset" and c.data.loader == "webdataset" else "")
+            + (f"\n{run.input.describe()}" if c.data.loader == "dali" else "")
             + (f"\n{data.remote.describe()}" if data.remote is not None else ""))

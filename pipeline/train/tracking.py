@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from imaging.specs import IMAGENET_MEAN, IMAGENET_STD
 
@@ -34,6 +35,58 @@ def start_tracking(accelerator, run_dir: Path, resume_step: int, config_text: st
             # Markdown code block, so TensorBoard's text tab shows the YAML as written.
             text = "    " + config_text.replace("\n", "\n    ")
             board.log({"config": text}, step=0)
+            board.writer.add_custom_scalars(dashboard_layout(on_gpu=accelerator.device.type == "cuda"))
+            recorded = yaml.safe_load(config_text)
+            if isinstance(recorded, dict):  # the run's config.yaml (some callers record none)
+                for summary in hparams_summaries(recorded):
+                    board.writer.file_writer.add_summary(summary)
+            board.writer.flush()
+
+
+# The recipe's values in TensorBoard's HParams tab (the run's name is its trial ID), with the
+# config's dotted keys as the other trackers name them, beside the metrics: the last value of
+# each tag. Five, as many as the tab shows before the user picks more.
+HPARAMS = ("model.name", "optim.lr", "data.batch_size", "data.image_size", "schedule.epochs")
+HPARAMS_METRICS = ("val/top1_error", "val/top5_error")
+
+
+def hparams_summaries(config: dict) -> tuple:
+    """The HParams plugin's experiment (which hparams and metrics it has) and this run's values,
+    written into the run's own event file: ``SummaryWriter.add_hparams`` would make another run
+    in a folder of its own, and log the metrics once, at the call."""
+    from torch.utils.tensorboard.summary import hparams
+
+    def value(key: str):
+        section = config
+        for part in key.split("."):
+            section = section[part]
+        return section
+
+    experiment, session_start, _ = hparams({key: value(key) for key in HPARAMS}, dict.fromkeys(HPARAMS_METRICS))
+    return experiment, session_start
+
+
+def dashboard_layout(on_gpu: bool) -> dict:
+    """TensorBoard's Custom Scalars tab: train and validation on one chart; the loader's share of
+    the time, and on a GPU its memory. Each series is a regular expression over the tags."""
+    def chart(*tags: str) -> list:
+        return ["Multiline", [f"^{tag}$" for tag in tags]]
+
+    layout = {
+        "errors": {
+            "top-1 error (train, val, val EMA)": chart("train/top1_error", "val/top1_error", "val_ema/top1_error"),
+            "top-5 error (train, val, val EMA)": chart("train/top5_error", "val/top5_error", "val_ema/top5_error"),
+            "loss (train, val)": chart("train/loss", "val/loss"),
+        },
+        "input": {
+            "share of the time waiting for data": chart("throughput/data_wait_fraction"),
+            "images per second": chart("throughput/images_per_sec"),
+        },
+    }
+    if on_gpu:
+        layout["memory"] = {"GPU memory, GiB": chart("memory/allocated_gib", "memory/max_reserved_gib",
+                                                     "memory/peak_gpu_gib")}
+    return layout
 
 
 def tensorboard(accelerator):
@@ -112,6 +165,9 @@ class LogWindow:
         if self.loss_sums is not None:
             for i, value in enumerate((self.loss_sums / self.batches).tolist()[1:], start=1):
                 values[f"train/loss_aux{i}"] = value
-        if accelerator.device.type == "cuda":
-            values["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if accelerator.device.type == "cuda":  # the caching allocator's counters, on the host: no wait
+            device = accelerator.device
+            values["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            values["memory/allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
+            values["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         return values

@@ -8,8 +8,9 @@ The pieces live beside this file, one stage each: ``run`` (building those object
 optimizer step), ``ema`` (the average's update), ``validate``, ``checkpoint`` (atomic saves, best,
 resume), ``tracking`` (TensorBoard, metrics.jsonl) and ``trackers`` (every tracker of
 ``train.log_with``: TensorBoard, MLflow, W&B, Aim); loader batches become network inputs
-in ``pipeline.data.device_augment``, stop signals are watched by ``pipeline.ops.preemption``, and
-a process that stops moving prints its stacks (``pipeline.ops.stall_watch``).
+in ``pipeline.data.device_augment``, stop signals are watched by ``pipeline.ops.preemption``,
+a process that stops moving prints its stacks (``pipeline.ops.stall_watch``), and
+``profiling`` times the phases of a few updates (``train.profile_steps``).
 
 Within an update nothing is read back from the device, so the host runs ahead of it: counts
 and losses are summed on the device until a log line, and the stop signals are agreed on by
@@ -38,6 +39,7 @@ from . import tracking
 from .checkpoint import resume_latest, write_classes
 from .ema import sync_ema_buffers, update_ema
 from .metrics import Tally
+from .profiling import NO_PROFILE, StepProfiler
 from .recipe import scheduled_lr
 from .run import Progress, Run, build_run, describe, recorded_config
 from .step import compute_loss, optimizer_step
@@ -130,7 +132,7 @@ def check_replicas(run: Run) -> None:
 
 
 # ----------------------------------------------------------------------------------------- the loop
-def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
+def train_one_epoch(run: Run, epoch: int, tracker, profiler: StepProfiler = NO_PROFILE) -> dict:
     acc, c, layout, progress = run.accelerator, run.config, run.layout, run.progress
     accum = layout.grad_accum
     start_update = progress.step - epoch * layout.updates_per_epoch
@@ -143,12 +145,13 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
     grid_logged = not c.train.image_grid
     # The bar is closed on any exit, so that an error line is not drawn over.
     with tqdm(total=end_update, initial=start_update, desc=f"epoch {epoch + 1}/{c.schedule.epochs}",
-              disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
+              disable=not acc.is_main_process, leave=False, file=sys.stderr, dynamic_ncols=True) as bar, profiler:
         for update in range(start_update, end_update):
             step = progress.step
             for micro in range(accum):
                 wait_start = time.perf_counter()
-                images, labels, skipped = batches.next()
+                with profiler.region("data wait"):
+                    images, labels, skipped = batches.next()
                 waited = time.perf_counter() - wait_start
                 window.data_wait += waited
                 epoch_wait += waited
@@ -157,33 +160,38 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
                 torch.manual_seed(mix_seed(c.seed, step, micro, acc.process_index))  # dropout, resumable
                 generator = (torch.Generator().manual_seed(mix_seed(c.seed, step * accum + micro, acc.process_index, "photo"))
                              if run.device_input.photometric else None)
-                inputs = run.device_input(images, generator)
-                labels = labels.to(acc.device, non_blocking=True)
+                with profiler.region("host-to-device"):  # and the input's transform there
+                    inputs = run.device_input(images, generator)
+                    labels = labels.to(acc.device, non_blocking=True)
                 if not grid_logged:
                     tracking.log_image_grid(acc, inputs, step + 1)  # the step this batch trains
                     grid_logged = True
                 # Gradients are all-reduced once per update, on its last micro-batch.
                 sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)
-                with sync, acc.autocast():
+                with sync, acc.autocast(), profiler.region("forward"):
                     loss, logits, losses = compute_loss(run.model, inputs, labels, c.model.aux_weight,
                                                         c.optim.label_smoothing)
-                acc.backward(loss / accum)
+                with profiler.region("backward"):
+                    acc.backward(loss / accum)
                 labelled = labels.ne(IGNORE_LABEL).sum()
                 counts = Tally.counts(logits.detach().float(), labels, losses[0] * labelled)  # once, for both
                 epoch_tally.add_counts(counts)
                 window.add(counts, losses, labels.numel())
                 epoch_images += labels.numel()
-            applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
+            with profiler.region("optimizer"):
+                applied = optimizer_step(acc, run.model, run.optimizer, run.scheduler, c.optim.clip_grad_norm)
             progress.step += 1
             progress.skipped_steps += not applied
             if run.ema is not None and applied and progress.step % c.ema.every == 0:
-                update_ema(run.ema, run.bare_model(), run.ema_decay, c.ema.warmup)
+                with profiler.region("ema"):
+                    update_ema(run.ema, run.bare_model(), run.ema_decay, c.ema.warmup)
             bar.update(1)
             run.stall_watch.beat()
 
             last_of_epoch = update == end_update - 1  # then end_epoch evaluates and saves
             if progress.step % c.train.log_every_steps == 0 or last_of_epoch:
-                log_window(run, window, tracker, bar)
+                with profiler.region("logging"):
+                    log_window(run, window, tracker, bar)
                 window = tracking.LogWindow()
             every = c.train.checkpoint_every_steps
             saved = bool(every) and progress.step % every == 0 and update != layout.updates_per_epoch - 1
@@ -195,6 +203,7 @@ def train_one_epoch(run: Run, epoch: int, tracker) -> dict:
                 if not saved:
                     save_checkpoint(run)
                 raise Preempted(asked)
+            profiler.step()
     epoch_done = end_update == layout.updates_per_epoch  # else the run ends mid-epoch (max_steps)
     seconds = time.perf_counter() - epoch_start
     return end_epoch(run, epoch, epoch_tally, epoch_images / seconds, epoch_wait / seconds, epoch_done, tracker)
@@ -352,11 +361,12 @@ def train_and_validate(run: Run) -> dict:
     run.log(describe(run))
     last_record: dict = {}
     run.model.train()
+    profiler = StepProfiler.for_run(run)  # train.profile_steps: updates of this job's first epoch
     try:
         with run.stall_watch:  # a process that stops moving says where, before the others end the job
             while run.progress.step < run.layout.total_updates:
                 epoch = run.progress.step // run.layout.updates_per_epoch
-                last_record = train_one_epoch(run, epoch, tracker) or last_record
+                last_record = train_one_epoch(run, epoch, tracker, profiler) or last_record
                 asked = run.preemption.should_stop(acc) if run.progress.step < run.layout.total_updates else 0
                 if asked:
                     raise Preempted(asked)  # end_epoch has just written the checkpoint
@@ -372,7 +382,7 @@ def train_and_validate(run: Run) -> dict:
         return {"preempted_at_step": run.progress.step, "requeued": requeued or (stop.requeue and not acc.is_main_process)}
     except BaseException:
         if tracker is not None:  # what was logged before the failure still reaches the trackers, and their runs close
-            tracker.finish(wait_s=30)
+            tracker.finish(wait_s=30, failed=True)
         raise
     sync_buffers(run)
     check_replicas(run)
@@ -395,6 +405,10 @@ def train(config: Config) -> dict:
         from pipeline.data.ffcv_input import require_ffcv
 
         require_ffcv()  # before any data is prepared or opened
+    if config.data.loader == "dali":
+        from pipeline.data.dali_input import require_dali
+
+        require_dali()  # before any data is prepared or opened
     directory = _prepare_demo_once(Path(config.data.demo_root), config.data.format) if config.data.dir is None \
         else config.data.dir
     remote = RemoteOptions.from_config(config.data)
