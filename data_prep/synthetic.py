@@ -7,8 +7,9 @@ Layout written under OUT (same as the real ImageNet code path expects)::
     synthetic.json                    (written last: marks a complete output)
 
 A class is a kind of object with its own shape, surface texture and colour (``CLASS_DESIGNS``),
-as a real class has a typical look: every cue survives a small crop but the shape, and none is
-needed alone (a share of objects come in any colour, backgrounds and clutter take any colour).
+as a real class has a typical look: colour and texture survive the paper's smallest crops, the
+shape needs most of the object, and no cue decides alone (one object in ten comes in any colour;
+backgrounds and clutter take any colour).
 Hue, shade, background, clutter, position, scale, rotation, blur and noise are random per image,
 drawn from an RNG keyed on (seed, split, class, index), so output is byte-identical for any
 worker count.
@@ -66,6 +67,7 @@ _HUE_JITTER = 5.0  # degrees (standard deviation) around the class's hue
 _ODD_COLOUR = 0.1  # share of objects in any colour: shape and texture must tell those apart
 _MIN_CONTRAST = 90  # RGB distance between the object's colour and the background's mean
 
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     num_classes: int = 10          # 2..len(DESIGNS)
@@ -117,7 +119,10 @@ def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
 def _object_colours(design: Design, rng) -> tuple[np.ndarray, np.ndarray | None]:
     """The object's colour (the class's hue, or any for an odd one) and its texture's: the same
     hue, darker or paler (None for a plain surface)."""
-    hue = rng.uniform(0, 360) if rng.random() < _ODD_COLOUR else design.hue + np.clip(rng.normal(0, _HUE_JITTER), -15, 15)
+    if rng.random() < _ODD_COLOUR:
+        hue = rng.uniform(0, 360)
+    else:
+        hue = design.hue + np.clip(rng.normal(0, _HUE_JITTER), -15, 15)
     saturation, value = rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)
     colour = _hsv_to_rgb(hue, saturation, value)
     if design.texture == "plain":
@@ -180,7 +185,8 @@ def _shape_mask(shape: str, D: int, r: float, rng) -> Image.Image:
         d.pieslice(box(r, 0, r * 0.4), 180, 360, fill=255)
     elif shape == "trapezoid":
         top = r * rng.uniform(0.35, 0.55)
-        d.polygon([(c - top, c - r * 0.7), (c + top, c - r * 0.7), (c + r, c + r * 0.7), (c - r, c + r * 0.7)], fill=255)
+        d.polygon([(c - top, c - r * 0.7), (c + top, c - r * 0.7), (c + r, c + r * 0.7), (c - r, c + r * 0.7)],
+                  fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return m
@@ -236,8 +242,8 @@ def _clutter(img: Image.Image, rng, count: int, scale: tuple[float, float]) -> N
         fill = tuple(int(v) for v in rng.integers(0, 256, 3))
         kind = rng.integers(0, 4)
         if kind == 0:
-            d.ellipse((cx - size / 2, cy - size * rng.uniform(0.2, 0.5), cx + size / 2, cy + size * rng.uniform(0.2, 0.5)),
-                      fill=fill)
+            top, bottom = size * rng.uniform(0.2, 0.5), size * rng.uniform(0.2, 0.5)
+            d.ellipse((cx - size / 2, cy - top, cx + size / 2, cy + bottom), fill=fill)
         elif kind == 1:
             d.rectangle((cx - size / 2, cy - size / 3, cx + size / 2, cy + size / 3), fill=fill)
         elif kind == 2:

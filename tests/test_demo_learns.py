@@ -48,6 +48,10 @@ def image_dependent_share(features: torch.Tensor) -> float:
     return (features.std(0).pow(2).mean().sqrt() / features.pow(2).mean().sqrt()).item()
 
 
+def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    return ((after - before).norm() / before.norm()).item()
+
+
 def test_at_initialisation_the_paper_network_barely_sees_the_image():
     """Why the paper's network starts slowly (docs/models.md): with BVLC's initialisation
     (Caffe's xavier, variance 1/fan_in, biases 0.2) each ReLU layer halves the image-dependent
@@ -63,10 +67,10 @@ def test_at_initialisation_the_paper_network_barely_sees_the_image():
     model = build_model("googlenet", spec.num_classes).eval()
     seen = {}
     hooks = [model.avgpool.register_forward_hook(lambda m, i, o: seen.__setitem__("top", o)),
-             model.lrn1.register_forward_hook(lambda m, i, o: seen.__setitem__("lrn1", (o - i[0]).norm() / i[0].norm()))]
+             model.lrn1.register_forward_hook(lambda m, i, o: seen.__setitem__("lrn1", relative_change(i[0], o)))]
     with torch.no_grad():
         model(x)
-        bvlc, lrn_change = image_dependent_share(seen["top"]), seen["lrn1"].item()
+        bvlc, lrn_change = image_dependent_share(seen["top"]), seen["lrn1"]
         for layer in model.modules():
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
                 layer.weight.mul_(math.sqrt(2))  # uniform in +-sqrt(6 / fan_in): He et al.'s variance
