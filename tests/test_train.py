@@ -257,8 +257,11 @@ def test_clipping_bf16_and_channels_last_against_a_reference_step(tiny_data, tmp
     lr = 1.0 * 4 / 32
     assert reference.norm().item() == pytest.approx(lr * clip, rel=1e-3)
     torch.testing.assert_close(channels_last, reference, rtol=1e-3, atol=lr * clip * 1e-3)
-    cosine = torch.nn.functional.cosine_similarity(bf16, reference, dim=0).item()
-    assert 0.98 < cosine < 1.0 and bf16.norm().item() == pytest.approx(lr * clip, rel=1e-2)
+    # in float64: over ~6M terms float32's cosine strays past 1 by ~1e-4
+    cosine = torch.nn.functional.cosine_similarity(bf16.double(), reference.double(), dim=0).item()
+    differs = (bf16 - reference).norm().item() / reference.norm().item()
+    assert cosine > 0.98 and differs > 1e-3, (cosine, differs)  # here: 0.9997 and 2.4e-2
+    assert bf16.norm().item() == pytest.approx(lr * clip, rel=1e-2)
 
 
 SKIPPED_STEP_SCRIPT = """

@@ -187,7 +187,7 @@ def start_wandb(config: Config, saved: dict, values: dict):
 def start_aim(config: Config, saved: dict, values: dict):
     from accelerate.tracking import AimTracker
 
-    repo = os.environ.get("AIM_REPO") or str(config.run_dir.resolve() / "aim")
+    repo = os.environ.get("AIM_REPO") or complete_aim_repo(config.run_dir.resolve() / "aim")
 
     def start(force_resume: bool):
         # No system metrics thread, no copy of the terminal, and no system parameters (they
@@ -209,6 +209,19 @@ def start_aim(config: Config, saved: dict, values: dict):
     if not saved.get("run_hash"):
         tracker.store_init_configuration(values)
     return tracker, {"run_hash": tracker.writer.hash}, f"run {tracker.writer.hash} in {redact(repo)}"
+
+
+def complete_aim_repo(repo: Path) -> str:
+    """The run's own Aim repository, its creation completed if a job was killed during it: Aim
+    writes ``.aim/VERSION`` last and takes a repository without it for one of Aim 2, which it
+    refuses for ever after ("out of date"). Only this project creates this repository, so the
+    missing VERSION can only mean a creation cut short; Aim's own creation steps are repeatable.
+    A shared repository (``AIM_REPO``) is left to Aim."""
+    if (repo / ".aim").is_dir() and not (repo / ".aim" / "VERSION").exists():
+        from aim import Repo
+
+        Repo.from_path(str(repo), init=True)
+    return str(repo)
 
 
 # What each tracker's own store holds of its run (sync and a resume send only what it lacks),
