@@ -58,13 +58,18 @@ def test_smoke_run_reports_every_step_target_and_plot(gpu_report_smoke):
     assert "| step | status | key figures | seconds |" in stdout and "| target (one H100) |" in stdout
 
 
-def test_a_step_past_its_cap_is_killed_and_a_failing_one_recorded(tmp_path):
-    _, steps, targets = gpu_report(tmp_path, "--steps", "seed_recipe", "cuda_tests", "--cifar",
-                                   str(tmp_path / "missing"), "--cap", "cuda_tests=1")
+def test_a_step_past_its_cap_is_killed_a_failing_one_recorded_and_one_over_the_budget_left_out(tmp_path):
+    """A budget of 100 s: data (at most 30 s), cuda_tests (1 s) and seed_recipe (30 s) always fit in it,
+    the loader's 200 s cap never does."""
+    stdout, steps, targets = gpu_report(tmp_path, "--steps", "seed_recipe", "cuda_tests", "loader", "--cifar",
+                                        str(tmp_path / "missing"), "--budget", "100",
+                                        "--cap", "cuda_tests=1", "data=30", "seed_recipe=30", "loader=200")
+    assert steps["loader"][0].startswith("not run: its cap (200 s) is over what is left of the budget")
+    assert f"--out {tmp_path} --steps loader`" in stdout
     assert steps["cuda_tests"][0] == "timed out at 1 s"
     assert steps["data"][0] == "failed (exit 1)"  # the missing --cifar
     assert "missing: neither prepared shards" in (tmp_path / "report.md").read_text()
     assert steps["seed_recipe"][0].startswith("skipped")
-    assert all(steps[s][0] == "not run" for s in ("bench_train", "cifar10", "loader", "loader_restart", "dali_loader",
+    assert all(steps[s][0] == "not run" for s in ("bench_train", "cifar10", "loader_restart", "dali_loader",
                                                   "dali_end_to_end"))
     assert all(verdict == "-" for _, verdict in targets.values())
