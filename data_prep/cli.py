@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from shards.cpus import usable_cpus
 from shards.manifest import PrepError, finalize
 from shards.store import StoreError, error_line, is_remote
 
@@ -59,7 +59,7 @@ def _add_shards(subparsers) -> None:
                    help="rewrite each JPEG losslessly (same pixels) with a restart marker after every 8x8 or "
                    "16x16 block, so that the loader decodes only the blocks a crop covers: about 6%% more bytes and "
                    "a quarter less time per ILSVRC crop; drops EXIF and ICC data (needs the built C library)")
-    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
+    p.add_argument("--workers", type=_positive, default=usable_cpus(), help="default: the usable CPUs")
     p.add_argument("--num-tasks", type=_positive, default=1, help="split the work over N array tasks")
     p.add_argument("--task-id", type=int, default=0, help="this task's index, 0..N-1")
     p.set_defaults(func=_run_shards)
@@ -91,7 +91,7 @@ def _add_ffcv(subparsers) -> None:
     p.add_argument("--compress-probability", type=float, default=0.5,
                    help="share of images stored as JPEG, the rest as raw pixels (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global training shuffle")
-    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)), help="default: the usable CPUs")
+    p.add_argument("--workers", type=_positive, default=usable_cpus(), help="default: the usable CPUs")
     p.set_defaults(func=_run_ffcv)
 
 
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run_finalize)
     p = subparsers.add_parser("verify", help="re-read every shard or FFCV file and check it against the manifest")
     p.add_argument("out", help="a prepared directory or object-store prefix (s3://, gs://, https://)")
-    p.add_argument("--workers", type=_positive, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--workers", type=_positive, default=usable_cpus())
     p.set_defaults(func=lambda a: verify.main(a.out, a.workers))
     return parser
 

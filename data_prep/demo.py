@@ -4,11 +4,11 @@ Used by ``python -m data_prep demo`` and by the trainer, which prepares the demo
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
+from shards.cpus import usable_cpus
 from shards.manifest import MANIFEST, PrepError
 
 from .plan import PrepParams
@@ -38,7 +38,7 @@ def ensure_demo(root: Path = DEFAULT_ROOT, workers: int | None = None) -> Path:
     if (shards / MANIFEST).is_file():
         refuse_earlier_version(root)
         return shards
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cpus()
     spec = SyntheticSpec()
     count = spec.num_classes * (spec.train_per_class + spec.val_per_class)
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def ensure_demo_ffcv(root: Path = DEFAULT_ROOT, workers: int | None = None) -> P
         refuse_earlier_version(Path(root))
         return target
     shards = ensure_demo(root, workers)
-    run(target, FFCVParams(), workers or len(os.sched_getaffinity(0)), from_shards=shards)
+    run(target, FFCVParams(), workers or usable_cpus(), from_shards=shards)
     return target
 
 

@@ -294,21 +294,20 @@ def test_the_evaluation_cuts_the_trainers_ffcv_validation_pixels(tiny_ffcv):
         assert torch.equal(base, trainer), (crops, (base.int() - trainer.int()).abs().max())
 
 
-# The demo data trained for 3 epochs by the batch-norm GoogLeNet on the evaluation crop, without the
-# photometric distortion: it learns from the first epoch, where the demo's paper GoogLeNet (no batch
-# norm) stays at chance for its first ~400 steps. Both formats' own decoders and sample order feed it.
-DEMO_SHORT = ["model.name=googlenet_bn", "schedule.epochs=3", "schedule.warmup_epochs=0", "data.augment.crop=false",
+# The demo data trained for one epoch by the batch-norm GoogLeNet on the evaluation crop, without the
+# photometric distortion: a short run that learns from its first updates. Both formats' own decoders
+# and sample order feed it.
+DEMO_SHORT = ["model.name=googlenet_bn", "schedule.epochs=1", "schedule.warmup_epochs=0", "data.augment.crop=false",
               "data.augment.brightness=null", "data.augment.contrast=null", "data.augment.saturation=null",
               "train.image_grid=false"]
 
 
 @pytest.mark.slow
 def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
-    """The demo's images as shards and as FFCV files, each trained briefly (``DEMO_SHORT``): both
-    below chance (90% top-1, 50% top-5 error) and close to each other. Measured over seeds 0-3:
-    0.77-0.80 top-1 and 0.14-0.22 top-5 error from shards, 0.80-0.87 and 0.15-0.29 from FFCV
-    files (3 epochs of 81 steps: the run is short, so the seed moves it); with shuffled training
-    labels 0.91 and 0.49-0.55."""
+    """The demo's images as shards and as FFCV files, each trained briefly (``DEMO_SHORT``, 81
+    updates): both below chance (90% top-1, 50% top-5 error) and close to each other. Measured
+    over seeds 0-2: 0.66-0.76 top-1 and 0.18-0.22 top-5 error from shards, 0.68-0.72 and
+    0.20-0.26 from FFCV files, at most 0.09 apart."""
     from data_prep.demo import ensure_demo_ffcv
 
     root = tmp_path / "demo_data"
@@ -322,7 +321,7 @@ def test_the_demo_learns_from_ffcv_files_as_from_shards(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         last = metrics(tmp_path / data_format)[-1]
         errors[data_format] = (last["val_top1_error"], last["val_top5_error"])
-    print(f"demo, 3 epochs, validation top-1/top-5 error: {errors}")
+    print(f"demo, 1 epoch, validation top-1/top-5 error: {errors}")
     for top1, top5 in errors.values():
-        assert top1 < 0.89 and top5 < 0.35, errors
+        assert top1 < 0.85 and top5 < 0.35, errors
     assert abs(errors["webdataset"][0] - errors["ffcv"][0]) < 0.15, errors

@@ -70,7 +70,7 @@ def test_a_job_killed_while_validating_sends_that_validation_on_resume(tiny_data
         while not (mark.exists() and 4 in mlflow_steps(run_dir, "train/loss")):
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
-        first.send_signal(signal.SIGKILL)
+        os.killpg(first.pid, signal.SIGKILL)  # the job and its helpers (loader workers, W&B's service) at once
         first.wait()
     finally:
         if first.poll() is None:

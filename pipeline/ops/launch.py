@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
 
 from pipeline.config import Config, ConfigError
+from shards.cpus import usable_cpus
 
 
 class LaunchError(RuntimeError):
@@ -77,9 +78,10 @@ def make_accelerator(config: Config, *, compile_model: bool = False) -> Accelera
         torch.set_float32_matmul_precision("high")
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise; on a CPU-only host
-        # give each process its share of the cores instead (1.4x faster for the demo on 2 cores).
+        # give each process its share of the cores instead (1.4x faster for the demo on 2 cores):
+        # of those it may use, not of all it sees (shards.cpus: a quota, a SLURM allocation).
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
+        torch.set_num_threads(max(1, usable_cpus() // local_processes))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise LaunchError(
@@ -96,7 +98,7 @@ def loader_workers(configured: int | None, accelerator: Accelerator) -> int:
     if configured is not None:
         return configured
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = torch.tensor([max(1, len(os.sched_getaffinity(0)) // local_processes)], device=accelerator.device)
+    workers = torch.tensor([max(1, usable_cpus() // local_processes)], device=accelerator.device)
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(workers, op=torch.distributed.ReduceOp.MIN)
     return int(workers.item())

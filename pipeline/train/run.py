@@ -269,10 +269,12 @@ def describe(run: Run) -> str:
         lr += f" after {run.warmup_epochs:g} warm-up epoch{'s' if run.warmup_epochs != 1 else ''}{chosen}"
     compiled = f", {note}" if (note := compilation(c)) else ""  # only the recipe decides
     processes = f"{acc.num_processes} process{'es' if acc.num_processes != 1 else ''}"
+    threads = (f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''} each)"
+               if acc.device.type == "cpu" else "")  # its share of the usable CPUs (pipeline.ops.launch)
     ema = (f", EMA decay {run.ema_decay:.6f} per update (horizon {c.ema.horizon_epochs:g} epochs"
            f"{', warmed up' if c.ema.warmup else ''})" if run.ema else "")
     return (f"{c.model.name}: {data.train_samples} training / {data.val_samples} validation images, "
-            f"{data.num_classes} classes, {processes} on {acc.device.type}{compiled}, "
+            f"{data.num_classes} classes, {processes} on {acc.device.type}{threads}{compiled}, "
             f"{layout.updates_per_epoch} updates per epoch of {layout.images_per_update} images, "
             f"{layout.total_updates} updates in all, {lr}{ema}"
             # the shard loader's decoding: a Pillow fallback is 2-3x slower, say so
