@@ -115,8 +115,9 @@ def _encode_item(data: bytes, item: Item, params: PrepParams) -> tuple[bytes, di
 
 def write_shard(out: Path, shard: ShardPlan, params: PrepParams) -> dict:
     final = out / shard.name
-    for stale in [*out.glob(f"{shard.name}.tmp*"), *out.glob(f"{index_path(final).name}.tmp*")]:
-        stale.unlink()  # left by a killed run: the shard's and its index's temporary files
+    for stale in [*out.glob(f"{shard.name}.tmp*"), *out.glob(f"{index_path(final).name}.tmp*"),
+                  *(out / PARTS_DIR).glob(f"{shard.name}.json.tmp*")]:
+        stale.unlink()  # left by a killed run: the shard's, its index's and its record's temporary files
     tmp = out / f"{shard.name}.tmp{os.getpid()}"
     skipped, class_counts, converted = [], {}, 0
     index, field = IndexBuilder(), image_field(params)

@@ -362,8 +362,8 @@ def test_resume_after_kill_mid_run(tmp_path):
 
 
 def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
-    """A kill can land while a shard or its index is being written: their temporary files are
-    removed when the shard is written again (the kill test above hits the index only by chance)."""
+    """A kill can land while a shard, its index or its record is being written: their temporary
+    files are removed when the shard is written again (the kill test above hits them only by chance)."""
     class_folders(tmp_path / "train", {"a": 3, "b": 3})
     out, _ = prep(tmp_path, train=str(tmp_path / "train"))
     # As a kill before shard 0's record leaves it: no record, no manifest, temporary files.
@@ -371,7 +371,8 @@ def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
     records = sorted((out / ".parts").glob("*.json"))
     record = next(p for p in records if "train-000000" in json.loads(p.read_text()).get("name", ""))
     record.unlink()
-    stale = [out / "train-000000.tar.tmp123", out / "train-000000.tar.idx.tmp456"]
+    stale = [out / "train-000000.tar.tmp123", out / "train-000000.tar.idx.tmp456",
+             out / ".parts" / "train-000000.tar.json.tmp789"]
     for path in stale:
         path.write_bytes(b"partial")
     prep(tmp_path, train=str(tmp_path / "train"))
