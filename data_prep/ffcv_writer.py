@@ -199,6 +199,8 @@ def write_beton(path: Path, samples: list[Sample], params: FFCVParams, workers: 
 
 def _write_split(out: Path, split: str, samples: list[Sample], params: FFCVParams, workers: int,
                  screened: bool) -> dict:
+    for stale in (out / PARTS_DIR).glob(f"{split}.json.tmp*"):
+        stale.unlink()  # the record's temporary file, left by a run killed while it wrote it
     if screened:
         kept, skipped, converted = samples, [], 0
     else:

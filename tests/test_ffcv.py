@@ -84,6 +84,14 @@ def test_round_trip_of_every_image_and_label_from_class_folders(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.beton")}
     ffcv_writer.run(out, RAW, workers=2, sources=sources)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.beton")} == before
+    # as a kill while val's record was written leaves it: no record, its temporary file; rewritten, removed
+    record = json.loads((out / ".parts" / "val.json").read_text())
+    (out / ".parts" / "val.json").unlink()
+    (out / "manifest.json").unlink()
+    (out / ".parts" / "val.json.tmp123").write_text("{")
+    ffcv_writer.run(out, RAW, workers=2, sources=sources)
+    assert json.loads((out / ".parts" / "val.json").read_text()) == record
+    assert not list((out / ".parts").glob("*.tmp*"))
     # a different setting into the same directory is refused
     with pytest.raises(PrepError, match="parameters differ: max_resolution"):
         ffcv_writer.run(out, FFCVParams(max_resolution=64, compress_probability=0.0), workers=1, sources=sources)
