@@ -295,38 +295,31 @@ class Report:
             o.figures = (f"{last['step']:,} steps ({images:,} images) in {last['train_seconds']:.0f} s: {rate:,.0f} "
                          f"img/s, top-1 {100 * (1 - last['val_top1_error']):.2f}%")
 
-    def step_loader(self, o: Outcome, restart_markers: bool) -> None:
+    def bench_loader(self, o: Outcome, batch_size: int, batches: int, *flags: str) -> Ran | None:
+        """``bench_loader.py`` on the loader's images, every core a worker (None: no images)."""
         if not self.data:
             o.status = "skipped: no images (see the data step)"
-            return
+            return None
         sizes = (["--size", "32", "--batch-size", "8", "--batches", "3", "--repeats", "1"] if self.args.smoke else
-                 ["--size", "224", "--batch-size", "64", "--batches", "30", "--repeats", "2"])
-        # FFCV left out: its files and numba's compilation would not fit the cap; DALI has a step of its own.
+                 ["--size", "224", "--batch-size", str(batch_size), "--batches", str(batches), "--repeats", "2"])
         command = self.python("benchmarks/bench_loader.py", "--src", self.data["loader_images"], "--replicate",
-                              str(self.data["loader_replicate"]), "--workers", str(self.cores), *sizes, "--no-ffcv",
-                              "--no-dali", *["--restart-markers"] * restart_markers)  # DALI: the dali_loader step
+                              str(self.data["loader_replicate"]), "--workers", str(self.cores), *sizes, *flags)
         # Its staged copy is hard-linked from --src: its temporary directory on the same file system.
         tmp = self.out / "tmp"
         tmp.mkdir(exist_ok=True)
-        ran = self.finish(o, self.run(o.step, command, self.caps[o.step], self.env | {"TMPDIR": str(tmp)}))
-        if ran.ok:
+        return self.finish(o, self.run(o.step, command, self.caps[o.step], self.env | {"TMPDIR": str(tmp)}))
+
+    def step_loader(self, o: Outcome, restart_markers: bool) -> None:
+        # FFCV left out: its files and numba's compilation would not fit the cap; DALI has a step of its own.
+        ran = self.bench_loader(o, 64, 30, "--no-ffcv", "--no-dali", *["--restart-markers"] * restart_markers)
+        if ran is not None and ran.ok:
             o.details.append(f"```text\n{ran.stdout.strip()}\n```")
             rates = re.findall(r"^(.+?)\s+(\d+) img/s\s+([\d.]+)x reference", ran.stdout, re.MULTILINE)
             o.figures = "; ".join(f"{name.split(' (')[0]} {int(rate):,} img/s ({ratio}x)" for name, rate, ratio in rates)
 
     def step_dali_loader(self, o: Outcome) -> None:
-        if not self.data:
-            o.status = "skipped: no images (see the data step)"
-            return
-        sizes = (["--size", "32", "--batch-size", "8", "--batches", "3", "--repeats", "1"] if self.args.smoke else
-                 ["--size", "224", "--batch-size", "256", "--batches", "10", "--repeats", "2"])
-        command = self.python("benchmarks/bench_loader.py", "--src", self.data["loader_images"], "--replicate",
-                              str(self.data["loader_replicate"]), "--workers", str(self.cores), *sizes, "--dali-only",
-                              "--dali-variants", "--loaders-only")
-        tmp = self.out / "tmp"
-        tmp.mkdir(exist_ok=True)
-        ran = self.finish(o, self.run(o.step, command, self.caps[o.step], self.env | {"TMPDIR": str(tmp)}))
-        if not ran.ok:
+        ran = self.bench_loader(o, 256, 10, "--dali-only", "--dali-variants", "--loaders-only")
+        if ran is None or not ran.ok:
             return
         o.details.append(f"```text\n{ran.stdout.strip()}\n```")
         found = {(float(load), kind == "region"): (int(rate), float(memory) if memory else None)
